@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set-up and entry point for a fresh Linux machine with Python 3.11 (no GPU needed).
+#   ./run.sh demo [ARGS...]   create .venv if needed, install, run the toy-world demo (`fair demo ARGS`)
+#   ./run.sh test [ARGS...]   create .venv if needed, install, run the test suite (pytest ARGS)
+#   ./run.sh fair [ARGS...]   run any `fair` sub-command inside the venv
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.fair-installed
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[run.sh] installing dependencies into .venv (first run takes a minute or two)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and pinned: 2.13.0 is the CPU build on these machines; any other version pulls a CUDA build.
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  .venv/bin/python -m pip install -q -r requirements-dev.txt "torch==${TORCH_VERSION:-2.13.0}"
+  .venv/bin/python -m pip install -q --no-deps -e .
+  touch "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+
+job=${1:-}
+[ $# -gt 0 ] && shift
+case "$job" in
+  demo) exec .venv/bin/fair demo "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  fair) exec .venv/bin/fair "$@" ;;
+  *) echo "usage: ./run.sh demo|test|fair [ARGS...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Command line interface (``fair``): thin wrappers over fair_core."""

@@ -1,0 +1,3 @@
+from train_cli.main import main
+
+raise SystemExit(main())
