@@ -116,7 +116,7 @@ class TargetDistribution:
         joint = np.asarray(self.joint, dtype=np.float64)
         if joint.shape != self.class_sizes:
             raise TargetError(f"joint table has shape {joint.shape}, expected {self.class_sizes} for {names}")
-        _check_probabilities(joint, "target " + "x".join(names))
+        _check_probabilities(joint, "target " + " x ".join(names))
         object.__setattr__(self, "joint", joint)
 
     # ------------------------------------------------------------------ views
@@ -267,9 +267,12 @@ class TargetDistribution:
 
 def _as_probability(value: Any, what: str) -> float:
     try:
-        return float(value)
+        probability = float(value)
     except (TypeError, ValueError):
         raise TargetError(f"{what}: {value!r} is not a number") from None
+    if not 0.0 <= probability <= 1.0:  # also rejects NaN
+        raise TargetError(f"{what}: probability {value!r} is not between 0 and 1")
+    return probability
 
 
 def _parse_marginal(attribute: Attribute, spec: str) -> np.ndarray:
