@@ -16,9 +16,11 @@ from fair_core.adaptor.naming import BASES
 from fair_core.targets import Attribute, TargetDistribution, TargetError, schema_from_json
 
 FORMAT_VERSION = "1"
-KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-MODELSPEC_RESOLUTION = {"sd15": "512x512", "sdxl": "1024x1024"}
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "toy": "sd_v1"}
+MODELSPEC_ARCHITECTURE = {
+    "sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora", "toy": "fair-toyworld/lora"
+}
+MODELSPEC_RESOLUTION = {"sd15": "512x512", "sdxl": "1024x1024", "toy": "32x32"}
 
 # Written by the writer from the tensors themselves (see writer.tensor_metadata), not kept in FairMetadata.
 TENSOR_KEYS = ("ss_network_dim", "ss_network_alpha", "fair.tokens", "modelspec.trigger_phrase")
@@ -132,6 +134,8 @@ def base_from_header(header: Mapping[str, str]) -> str | None:
 
     Raises :class:`AdaptorError` when they disagree or name a base other than SD1.x/SDXL.
     """
+    if header.get("fair.base_model") == "toy":
+        return "toy"  # the toy world writes SD1's kohya layout (ss_base_model_version sd_v1) for a model of its own
     claims: dict[str, str] = {}
     if "fair.base_model" in header:
         claims["fair.base_model"] = _known_base("fair.base_model", header["fair.base_model"], {b: b for b in BASES})

@@ -25,8 +25,9 @@ from typing import Iterable, NamedTuple
 
 from fair_core.adaptor.errors import AdaptorError
 
-BASES = ("sd15", "sdxl")
-TEXT_ENCODER_FAMILIES = {"sd15": ("te",), "sdxl": ("te1", "te2")}
+# "toy" is the built-in toy world (fair_core.toyworld): SD1-shaped keys, a tiny model of its own.
+BASES = ("sd15", "sdxl", "toy")
+TEXT_ENCODER_FAMILIES = {"sd15": ("te",), "sdxl": ("te1", "te2"), "toy": ("te",)}
 FAMILIES = ("unet", "te", "te1", "te2")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 TOKEN_PARTS = {"te": "string_to_param.*", "te1": "clip_l", "te2": "clip_g"}

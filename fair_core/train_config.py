@@ -1,0 +1,157 @@
+"""The trainer's configuration: one flat dataclass, loadable from YAML, every field documented.
+
+``fair train --config FILE.yaml`` reads it; command-line flags override single fields. Defaults are the
+paper's (Shen et al. 2024, §3 and §6.2): text-encoder LoRA rank 50, N = 24 images per prompt, 19-23
+DPM-Solver++ steps, CFG 7.5, AdamW lr 5e-5 / wd 0.01, EMA 0.996, confidence threshold 0.8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+TRAINABLE_CHOICES = ("text_encoder", "unet", "tokens")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------------
+    model: str = "toy"
+    """``toy`` (the built-in toy world), a diffusers model directory, or a single-file ``.safetensors``
+    checkpoint (SD1.5 or SDXL, as ComfyUI/A1111 keep them)."""
+    base: str | None = None
+    """``sd15`` / ``sdxl``; detected from the checkpoint when left empty."""
+    classifier: str = "toy"
+    """Attribute classifier used for the alignment loss: ``toy`` or a classifier ``.safetensors`` (torch twin)."""
+
+    # --- what is trained ---------------------------------------------------------------------------
+    trainable: list[str] = field(default_factory=lambda: ["text_encoder"])
+    """Any of ``text_encoder`` (LoRA on q/k/v/out/fc1/fc2), ``unet`` (LoRA on attention q/k/v/out),
+    ``tokens`` (soft prompt tokens prepended to the prompt)."""
+    lora_rank: int = 50
+    lora_alpha: float = 50.0
+    num_tokens: int = 5
+
+    # --- fairness ----------------------------------------------------------------------------------
+    target: Any = "gender=uniform"
+    """Target distribution: an expression (``gender=female:0.5,male:0.5;age=young:0.75,old:0.25``), a
+    mapping (YAML), or a path to a YAML/JSON file."""
+    confidence_threshold: float = 0.8
+    assignment_samples: int = 100
+
+    # --- prompts -----------------------------------------------------------------------------------
+    train_prompts: str = "occupations-train"
+    """A built-in prompt set (``occupations-train``/``-val``/``-test``) or a text file, one per line."""
+    val_prompts: str = "occupations-val"
+    prompt_template: str | None = None
+    """Formats each line of an occupation file, e.g. ``A photo of the face of a {occupation}, a person``."""
+
+    # --- sampling ----------------------------------------------------------------------------------
+    images_per_prompt: int = 24
+    """N, the global batch of one prompt over all processes; the assignment is solved over all N."""
+    micro_batch: int = 4
+    """Images per gradient pass on one process (memory knob; does not change the result)."""
+    steps_min: int = 19
+    steps_max: int = 23
+    guidance_scale: float = 7.5
+    resolution: int | None = None
+    """Image size in pixels; default: the model's native size."""
+    gradient_mode: str = "adjusted"
+    """``adjusted`` (the paper's) or ``naive`` (exact gradient, memory grows with steps; for study)."""
+
+    # --- optimisation ------------------------------------------------------------------------------
+    iterations: int = 10000
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    ema_decay: float = 0.996
+    ema_warmup: bool = False
+    """Ramp the EMA decay up from 0 (diffusers' EMA warm-up): useful for short runs."""
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 5991
+
+    # --- operations --------------------------------------------------------------------------------
+    output_dir: str = "runs/fair"
+    output_name: str = "fair_adaptor"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    validate_every: int = 200
+    val_images_per_prompt: int = 16
+    val_steps: int = 25
+    val_max_prompts: int | None = 4
+    log_with: str | None = "tensorboard"
+    """An accelerate tracker name, or empty for none."""
+    device: str | None = None
+    """Force a device (``cpu``/``cuda``); default: what accelerate picks."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with an unusable value."""
+        unknown = [t for t in self.trainable if t not in TRAINABLE_CHOICES]
+        if not self.trainable or unknown:
+            raise ValueError(f"trainable: choose from {', '.join(TRAINABLE_CHOICES)} (got {self.trainable})")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.gradient_mode not in ("adjusted", "naive"):
+            raise ValueError(f"gradient_mode must be 'adjusted' or 'naive', got {self.gradient_mode!r}")
+        if not 1 <= self.steps_min <= self.steps_max:
+            raise ValueError(f"need 1 <= steps_min <= steps_max, got {self.steps_min}..{self.steps_max}")
+        if not 0 < self.confidence_threshold <= 1:
+            raise ValueError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("images_per_prompt", "micro_batch", "iterations", "lora_rank", "num_tokens",
+                     "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)} (see `fair train --help`)")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls.from_mapping(data)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def config_help() -> str:
+    """Every field with its default and description (for ``fair train --help`` and the README)."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(TrainConfig)
+    docs: dict[str, str] = {}
+    body = ast.parse(source).body[0].body
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        text = f"  {f.name} (default: {default!r})"
+        if f.name in docs:
+            text += f"\n      {docs[f.name]}"
+        lines.append(text)
+    return "\n".join(lines)

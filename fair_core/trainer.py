@@ -1,0 +1,430 @@
+"""The fair-adaptor training loop (Shen et al. 2024, Algorithm A.1), one page in the style of accelerate's examples.
+
+Each iteration takes one prompt and a global batch of N seeded noises spread over the processes:
+
+1. no-grad sampling with the current model -> classifier probabilities on every image;
+2. probabilities gathered from all processes; the optimal-transport targets are solved once over the
+   global batch with the same seed everywhere, so every process gets identical targets;
+3. gradient pass in micro-batches: adjusted DFT through the sampler (``fair_core.dft``) on the
+   distributional alignment loss (+ optional preservation losses);
+4. gradients averaged over processes, AdamW step (skipped and counted when a gradient is not finite),
+   EMA update.
+
+All randomness of an iteration (prompt order, step count, noises, assignment) is derived from
+``(seed, iteration)``, so a resumed run, or a run on a different number of processes, repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from fair_core.alignment import assign_targets, dal_loss
+from fair_core.conditioning import encode_prompts
+from fair_core.dft import adjusted_backward
+from fair_core.metrics import summarise_labels
+from fair_core.models import DiffusionParts
+from fair_core.prompts import stable_seed
+from fair_core.sampling import decode_latents, generate_images, latent_shape, seeded_noise
+from fair_core.scoring import AttributeScorer
+from fair_core.targets import TargetDistribution
+from fair_core.train_config import TrainConfig
+from fair_core.trainable import SoftPrompt, add_text_encoder_lora, add_unet_lora
+from fair_core.plots import save_image_grid
+
+CHECKPOINT_PREFIX = "iter_"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides tensors."""
+
+    iteration: int = 0
+    skipped_steps: int = 0
+    images_without_face: int = 0
+    images_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    adaptor_path: Path | None
+    state: TrainState
+    validation_before: dict | None
+    validation_after: dict | None
+    seconds: float
+
+
+class FairTrainer:
+    """Owns the models, the trainable parameters, optimiser and EMA for one run of :func:`train`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        parts: DiffusionParts,
+        scorer: AttributeScorer,
+        target: TargetDistribution,
+        train_prompts: Sequence[str],
+        val_prompts: Sequence[str] = (),
+        accelerator: Accelerator | None = None,
+        extra_losses: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+    ):
+        if not train_prompts:
+            raise ValueError("no training prompts")
+        self.config, self.parts, self.scorer, self.target = config, parts, scorer, target
+        self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
+        self.extra_losses = list(extra_losses)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.log_with or None,
+            project_dir=config.output_dir,
+            cpu=config.device == "cpu",
+        )
+        world = self.accelerator.num_processes
+        if config.images_per_prompt % world:
+            raise ValueError(f"images_per_prompt={config.images_per_prompt} must be divisible by the {world} processes")
+        self.local_count = config.images_per_prompt // world
+        self.attribute_index = _attribute_positions(scorer, target)
+        self.output_dir = Path(config.output_dir)
+        self.device = self.accelerator.device
+        self.soft_prompt: SoftPrompt | None = None
+        self.parameters = self._make_trainable()
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+        )
+        self.ema = EMAModel(self.parameters, decay=config.ema_decay, use_ema_warmup=config.ema_warmup, inv_gamma=1.0, power=2 / 3)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ set-up
+    def _make_trainable(self) -> list[torch.nn.Parameter]:
+        config, parts = self.config, self.parts
+        for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False)
+        torch.manual_seed(config.seed)  # identical LoRA / token initialisation on every process
+        parameters: list[torch.nn.Parameter] = []
+        if "text_encoder" in config.trainable:
+            for encoder in (parts.text_encoder, parts.text_encoder_2):
+                if encoder is not None:
+                    parameters += add_text_encoder_lora(encoder, config.lora_rank, config.lora_alpha)
+        if "unet" in config.trainable:
+            parameters += add_unet_lora(parts.unet, config.lora_rank, config.lora_alpha)
+        if "tokens" in config.trainable:
+            self.soft_prompt = SoftPrompt.initialise(parts, config.num_tokens, seed=config.seed)
+            parameters += list(self.soft_prompt.parameters())
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+            if module is not None:
+                module.to(self.device, dtype=weight_dtype)
+        if self.soft_prompt is not None:
+            self.soft_prompt.to(self.device)
+        for parameter in parameters:  # trainables stay float32 under mixed precision
+            parameter.data = parameter.data.float()
+        if config.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if parts.vae is not None:
+                parts.vae.enable_gradient_checkpointing()
+            parts.unet.train()
+        return parameters
+
+    # ------------------------------------------------------------------ one iteration
+    def iteration_plan(self, iteration: int) -> tuple[str, int, list[int]]:
+        """Prompt, number of sampling steps and the N global noise seeds of ``iteration``."""
+        config = self.config
+        epoch, position = divmod(iteration, len(self.train_prompts))
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_prompts))
+        prompt = self.train_prompts[order[position]]
+        steps = int(np.random.default_rng([config.seed, iteration, 1]).integers(config.steps_min, config.steps_max + 1))
+        seeds = [stable_seed(config.seed, iteration, index) for index in range(config.images_per_prompt)]
+        return prompt, steps, seeds
+
+    def local_slice(self) -> slice:
+        start = self.accelerator.process_index * self.local_count
+        return slice(start, start + self.local_count)
+
+    def _score(self, images: torch.Tensor):
+        scores = self.scorer(images)
+        return [scores.logits[i] for i in self.attribute_index], scores.has_face
+
+    @torch.no_grad()
+    def _targets(self, prompt: str, noise: torch.Tensor, steps: int, iteration: int) -> tuple[torch.Tensor, int]:
+        """Labels ``(n_local, A)`` (-1 = no target) for this process's images, solved over the global batch."""
+        images = self._sample_images(prompt, noise, steps)
+        logits, has_face = self._score(images)
+        probs = torch.cat([torch.softmax(l.float(), dim=-1) for l in logits], dim=-1)
+        probs = self.accelerator.gather(probs.contiguous()).double().cpu().numpy()
+        has_face = self.accelerator.gather(has_face.contiguous()).cpu().numpy().astype(bool)
+        sizes = np.cumsum([0, *self.target.class_sizes])
+        per_attribute = [probs[:, a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+        result = assign_targets(
+            per_attribute, self.target, has_face=has_face, num_samples=self.config.assignment_samples,
+            confidence_threshold=self.config.confidence_threshold, seed=int(stable_seed(self.config.seed, iteration, "ot")),
+        )
+        labels = torch.from_numpy(result.labels[self.local_slice()]).to(self.device)
+        return labels, int((~has_face).sum())
+
+    def _sample_images(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        from fair_core.dft import sample
+
+        images = []
+        for start in range(0, noise.shape[0], self.config.micro_batch):
+            chunk = noise[start : start + self.config.micro_batch]
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
+            latents = sample(
+                self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
+                self.config.guidance_scale, added_cond=conditioning.added_cond,
+            )
+            images.append(decode_latents(self.parts, latents))
+        return torch.cat(images)
+
+    def _gradient_pass(self, prompt: str, noise: torch.Tensor, steps: int, labels: torch.Tensor) -> float:
+        """Accumulate d(mean DAL loss)/d(params) over this process's images; returns the summed loss."""
+        total = 0.0
+        for start in range(0, noise.shape[0], self.config.micro_batch):
+            chunk, chunk_labels = noise[start : start + self.config.micro_batch], labels[start : start + self.config.micro_batch]
+            if bool((chunk_labels < 0).all()) and not self.extra_losses:
+                continue  # nothing to learn from these images
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
+
+            def loss_fn(latents: torch.Tensor) -> torch.Tensor:
+                images = decode_latents(self.parts, latents)
+                logits, has_face = self._score(images)
+                kept = torch.where(has_face[:, None], chunk_labels, torch.full_like(chunk_labels, -1))
+                per_image = dal_loss(logits, kept)
+                for extra in self.extra_losses:
+                    per_image = per_image + extra(images, chunk)
+                return per_image.sum() / self.local_count
+
+            result = adjusted_backward(
+                self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
+                self.config.guidance_scale, loss_fn, added_cond=conditioning.added_cond, mode=self.config.gradient_mode,
+            )
+            total += float(result.loss)
+        return total
+
+    def train_iteration(self, iteration: int) -> dict:
+        prompt, steps, seeds = self.iteration_plan(iteration)
+        noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
+        labels, no_face = self._targets(prompt, noise, steps, iteration)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self._gradient_pass(prompt, noise, steps, labels)
+        loss = float(self.accelerator.reduce(torch.tensor([loss], device=self.device), reduction="sum").item())
+        for parameter in self.parameters:  # average over processes: each process holds d(its share)/d(theta)
+            parameter.grad = self.accelerator.reduce(parameter.grad.contiguous(), reduction="sum")
+        finite = math.isfinite(loss) and all(bool(torch.isfinite(p.grad).all()) for p in self.parameters)
+        if finite:
+            self.optimizer.step()
+            self.ema.step(self.parameters)
+        else:
+            self.state.skipped_steps += 1
+        self.state.images_without_face += no_face
+        self.state.images_seen += self.config.images_per_prompt
+        kept = int(self.accelerator.reduce((labels >= 0).any(dim=1).sum(), reduction="sum").item())
+        return {"loss": loss, "steps": steps, "kept_targets": kept, "skipped": not finite, "prompt": prompt}
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, use_ema: bool = True, grid_path: Path | None = None) -> dict:
+        """Bias on the validation prompts, same seeds every time. Returns the metrics summary as a dict."""
+        config = self.config
+        prompts = self.val_prompts[: config.val_max_prompts] if config.val_max_prompts else self.val_prompts
+        if not prompts:
+            return {}
+        if use_ema:
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+        try:
+            labels_per_prompt, faces_per_prompt, first_images = [], [], None
+            for prompt in prompts:
+                seeds = [stable_seed(config.seed, "val", prompt, j) for j in range(config.val_images_per_prompt)]
+                images = generate_images(
+                    self.parts, [prompt] * len(seeds), seeds, config.val_steps, config.guidance_scale,
+                    soft_prompt=self.soft_prompt, resolution=config.resolution, batch_size=config.micro_batch,
+                    device=self.device,
+                )
+                logits, has_face = self._score(images.to(self.device))
+                labels_per_prompt.append(torch.stack([l.argmax(-1) for l in logits], dim=1).cpu().numpy())
+                faces_per_prompt.append(has_face.cpu().numpy())
+                first_images = images if first_images is None else first_images
+        finally:
+            if use_ema:
+                self.ema.restore(self.parameters)
+        if grid_path is not None and first_images is not None:
+            save_image_grid(first_images, grid_path, upscale=max(1, 128 // first_images.shape[-1]))
+        summary = summarise_labels(labels_per_prompt, faces_per_prompt, self.target, prompts=prompts)
+        return summary.to_json()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/iter_XXXXXX`` atomically (temp dir + rename) on the main process."""
+        directory = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.iteration:07d}"
+        if self.accelerator.is_main_process:
+            temporary = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)}, temporary / "trainable.safetensors")
+            save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}, temporary / "ema.safetensors")
+            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+            (temporary / "state.json").write_text(json.dumps({"train_state": self.state.__dict__, "ema": ema_state}))
+            os.replace(temporary, directory)
+            self._prune_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def _prune_checkpoints(self) -> None:
+        finished = sorted(latest_checkpoints(self.output_dir))
+        for old in finished[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        trainable = load_file(directory / "trainable.safetensors")
+        ema = load_file(directory / "ema.safetensors")
+        if len(trainable) != len(self.parameters):
+            raise ValueError(f"checkpoint {directory} holds {len(trainable)} tensors, this run trains {len(self.parameters)}: different config?")
+        for i, parameter in enumerate(self.parameters):
+            parameter.data.copy_(trainable[f"p{i}"])
+            self.ema.shadow_params[i].data.copy_(ema[f"p{i}"])
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.device))
+        saved = json.loads((directory / "state.json").read_text())
+        self.state = TrainState(**saved["train_state"])
+        self.ema.optimization_step = saved["ema"]["optimization_step"]
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False, on_iteration: Callable[[int, dict], None] | None = None) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        started = time.perf_counter()
+        if resume:
+            checkpoints = latest_checkpoints(self.output_dir)
+            if checkpoints:
+                self.load_checkpoint(checkpoints[-1])
+                accelerator.print(f"resumed from {checkpoints[-1]} (iteration {self.state.iteration})")
+        if config.log_with:
+            accelerator.init_trackers("fair", config={"config": config.to_json()})
+        before = self._read_validation("before")
+        if before is None:
+            before = self.validate(use_ema=False, grid_path=self.output_dir / "samples" / "before.png")
+            self._write_validation("before", before)
+        progress = tqdm(
+            range(self.state.iteration, config.iterations), initial=self.state.iteration, total=config.iterations,
+            desc="fair train", disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+        )
+        latest_bias = _headline(before)
+        for iteration in progress:
+            record = self.train_iteration(iteration)
+            self.state.iteration = iteration + 1
+            accelerator.log({"train/loss": record["loss"], "train/kept_targets": record["kept_targets"],
+                             "train/skipped_steps": self.state.skipped_steps}, step=self.state.iteration)
+            if self.state.iteration % config.validate_every == 0 or self.state.iteration == config.iterations:
+                summary = self.validate(grid_path=self.output_dir / "samples" / f"iter_{self.state.iteration:07d}.png")
+                latest_bias = _headline(summary)
+                accelerator.log({f"val/{k}": v for k, v in _flat_numbers(summary).items()}, step=self.state.iteration)
+                self.state.history.append({"iteration": self.state.iteration, "validation": summary})
+            progress.set_postfix(loss=f"{record['loss']:.3f}", bias=latest_bias, skipped=self.state.skipped_steps)
+            if on_iteration is not None:
+                on_iteration(iteration, record)
+            if self.state.iteration % config.checkpoint_every == 0 or self.state.iteration == config.iterations:
+                self.save_checkpoint()
+        progress.close()
+        after = self.state.history[-1]["validation"] if self.state.history else self.validate()
+        adaptor_path = self.export(before, after) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(adaptor_path, self.state, before, after, time.perf_counter() - started)
+
+    def _read_validation(self, name: str) -> dict | None:
+        path = self.output_dir / f"validation_{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write_validation(self, name: str, summary: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / f"validation_{name}.json").write_text(json.dumps(summary, indent=2))
+
+    # ------------------------------------------------------------------ export
+    def export(self, before: dict | None, after: dict | None) -> Path:
+        """Write the EMA weights as the fair adaptor ``<output_dir>/<output_name>.safetensors``."""
+        from fair_core.adaptor import FairMetadata, SoftTokens, write_adaptor
+
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+        try:
+            parts = self.parts
+            families = ("te",) if parts.text_encoder_2 is None else ("te1", "te2")
+            encoders = dict(zip(families, parts.text_encoders))
+            identity = getattr(self.scorer, "identity", None) or {}
+            metadata = FairMetadata(
+                base_model=parts.base, name=self.config.output_name, sd_model_name=self.config.model,
+                attributes=tuple(self.target.attributes), target=self.target,
+                classifier={"name": str(identity.get("name", type(self.scorer).__name__)), "sha256": str(identity.get("sha256", ""))},
+                training_args=json.loads(self.config.to_json()), eval={"before": before, "after": after},
+            )
+            tokens = []
+            if self.soft_prompt is not None:
+                vectors = {f: e.detach().cpu().float() for f, e in zip(families, self.soft_prompt.embeddings)}
+                tokens = [SoftTokens(self.config.output_name, vectors)]
+            path = self.output_dir / f"{self.config.output_name}.safetensors"
+            write_adaptor(
+                path, metadata=metadata,
+                unet=parts.unet if "unet" in self.config.trainable else None,
+                text_encoders=encoders if "text_encoder" in self.config.trainable else None,
+                tokens=tokens,
+            )
+        finally:
+            self.ema.restore(self.parameters)
+        return path
+
+
+def latest_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints (no temp dirs), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and ".tmp" not in p.name)
+
+
+def _attribute_positions(scorer: AttributeScorer, target: TargetDistribution) -> list[int]:
+    names = [a.name for a in scorer.attributes]
+    positions = []
+    for attribute in target.attributes:
+        if attribute.name not in names:
+            raise ValueError(f"the classifier has no attribute {attribute.name!r} (it has: {', '.join(names)})")
+        theirs = scorer.attributes[names.index(attribute.name)]
+        if theirs.classes != attribute.classes:
+            raise ValueError(f"attribute {attribute.name!r}: target classes {list(attribute.classes)} differ from the classifier's {list(theirs.classes)}")
+        positions.append(names.index(attribute.name))
+    return positions
+
+
+def _headline(summary: dict | None) -> str:
+    """Overall bias of the first target attribute, for the progress bar."""
+    groups = (summary or {}).get("overall", {}).get("groups", {})
+    if not groups:
+        return "-"
+    value = next(iter(groups.values())).get("bias", {}).get("estimate")
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _flat_numbers(data: dict, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            flat[prefix + key] = float(value)
+        elif isinstance(value, dict) and key != "per_prompt":
+            flat.update(_flat_numbers(value, prefix + key + "/"))
+    return flat

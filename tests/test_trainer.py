@@ -1,0 +1,124 @@
+"""The training loop: distributed equivalence, kill-and-resume, non-finite steps, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_worker import make_trainer  # noqa: E402
+
+from fair_core.adaptor import read_adaptor
+from fair_core.train_config import TrainConfig
+
+WORKER = Path(__file__).parent / "trainer_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run_worker(output: Path, iterations: int, *extra: str, processes: int = 1) -> None:
+    if processes == 1:
+        command = [sys.executable, str(WORKER), str(output), str(iterations), *extra]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   str(WORKER), str(output), str(iterations), *extra]
+    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def _adaptor_tensors(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "fair_adaptor.safetensors")
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= tolerance, f"max difference {worst}"
+
+
+def test_two_processes_match_one(tmp_path):
+    """Same global batch and seeds: 2 gloo processes give the 1-process LoRA weights after 3 iterations."""
+    _run_worker(tmp_path / "one", 3)
+    _run_worker(tmp_path / "two", 3, processes=2)
+    single, double = _adaptor_tensors(tmp_path / "one"), _adaptor_tensors(tmp_path / "two")
+    moved = max(float(t.abs().max()) for k, t in single.items() if "lora_up" in k)
+    assert moved > 0, "training changed nothing: the comparison would be vacuous"
+    _assert_same(single, double, 1e-5)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    _run_worker(tmp_path / "straight", 4)
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen([sys.executable, str(WORKER), str(resumed), "4"], env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "iter_0000002").is_dir():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "fair_adaptor.safetensors").exists()
+    _run_worker(resumed, 4, "--resume")
+    _assert_same(_adaptor_tensors(tmp_path / "straight"), _adaptor_tensors(resumed), 0.0)
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path):
+    calls = {"n": 0}
+
+    def poisoned(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1  # micro-batch 1 of 4 per iteration: call 5 is iteration 2's first
+        value = float("nan") if calls["n"] == 5 else 0.0
+        return torch.full((images.shape[0],), value)
+
+    trainer = make_trainer(str(tmp_path), 3)
+    trainer.extra_losses = [poisoned]
+    snapshot = [p.detach().clone() for p in trainer.parameters]
+    result = trainer.fit()
+    assert result.state.skipped_steps == 1
+    assert result.state.iteration == 3
+    assert any(not torch.equal(a, p) for a, p in zip(snapshot, trainer.parameters))
+    adaptor = read_adaptor(result.adaptor_path)
+    assert adaptor.base_model == "sd15"
+    assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in adaptor.lora.values())
+
+
+def test_exported_metadata_records_run(tmp_path):
+    trainer = make_trainer(str(tmp_path), 1)
+    result = trainer.fit()
+    header = read_adaptor(result.adaptor_path).header
+    assert json.loads(header["fair.training_args"])["lora_rank"] == 4
+    assert header["ss_base_model_version"] == "sd_v1"
+    assert '"before"' in header["fair.eval"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"trainable": ["vae"]}, "trainable"),
+        ({"steps_min": 5, "steps_max": 3}, "steps_min"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"images_per_prompt": 0}, "images_per_prompt"),
+    ],
+)
+def test_config_errors_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match="learning_rat"):
+        TrainConfig.from_mapping({"learning_rat": 1e-4})
