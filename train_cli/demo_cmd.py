@@ -1,14 +1,42 @@
-"""`fair demo`: not built yet (see the open issues)."""
+"""`fair demo`: the offline end-to-end toy-world demo (train a fair adaptor, show bias before/after)."""
 
 from __future__ import annotations
 
 import argparse
 
+from fair_core.demo import DemoSettings
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="(not built yet)")
+    defaults = DemoSettings()
+    parser = subparsers.add_parser(
+        "demo", help="toy world: train a fair adaptor offline and report the bias before and after",
+        description="Train a fair adaptor on the built-in toy world (no downloads, CPU) and write a report folder. "
+                    "`fair demo depth-sweep` instead trains denoisers of several depths and measures bias amplification.",
+    )
+    parser.add_argument("mode", nargs="?", choices=["run", "depth-sweep"], default="run")
+    parser.add_argument("--target", default=defaults.target,
+                        help="target over the toy attributes colour (red, blue) and shape (round, square, triangle), "
+                             "e.g. 'colour=red:0.5,blue:0.5;shape=round:0.5,square:0.25,triangle:0.25'")
+    parser.add_argument("--iterations", type=int, default=defaults.iterations)
+    parser.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
+    parser.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", default=None, help="report folder (default reports/demo or reports/depth-sweep)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise SystemExit("fair demo: not built yet")
+    if args.mode == "depth-sweep":
+        from fair_core.toyworld.depth_sweep import run_depth_sweep
+
+        run_depth_sweep(out_dir=args.out or "reports/depth-sweep", seed=args.seed)
+        return 0
+    from fair_core.demo import run_demo
+
+    settings = DemoSettings(
+        target=args.target, iterations=args.iterations, images_per_prompt=args.images_per_prompt,
+        eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
+    )
+    run_demo(settings)
+    return 0
