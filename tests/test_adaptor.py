@@ -28,7 +28,6 @@ from fair_core.adaptor import (
 from fair_core.tiny import tiny_sd15, tiny_sdxl
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution
 
-torch.set_num_threads(1)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

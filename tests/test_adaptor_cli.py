@@ -18,7 +18,6 @@ from fair_core.targets import TargetDistribution
 from fair_core.tiny import tiny_sd15, tiny_sdxl
 from train_cli.main import main
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 UNET_PREFIX = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
 

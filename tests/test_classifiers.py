@@ -28,14 +28,6 @@ TINT = Attribute("tint", ("cool", "warm"))
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_classifier(backbone: str = "tiny", size: int = 32, **overrides) -> AttributeClassifier:
     torch.manual_seed(0)
     return build_classifier(ClassifierSpec((SHAPE, TINT), size, FaceCropSpec("box", expand=0.5)), backbone, overrides).eval()

@@ -16,15 +16,6 @@ from fair_core.trainable import SoftPrompt, adapters_disabled, add_text_encoder_
 PROMPTS = ["a photo of a doctor", "a nurse", "portrait of a " + "very " * 120 + "tall person"]  # last one truncated
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~50x slower with 2 OpenMP threads on a busy 2-core machine than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def sd15() -> DiffusionParts:
     return DiffusionParts(**vars(tiny_sd15()), base="sd15")

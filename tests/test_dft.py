@@ -25,14 +25,6 @@ GUIDANCE = 7.5
 LORA = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _with_lora(parts: TinyPipelineParts) -> TinyPipelineParts:
     """float64 models; a UNet LoRA with non-zero lora_B (peft freezes the base weights)."""
     parts.unet.double().eval()

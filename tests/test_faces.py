@@ -37,14 +37,6 @@ ASTRONAUT_FACE_CENTRE = (223.0, 127.0)  # centre of the face in skimage's astron
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return skdata.astronaut()

@@ -23,14 +23,6 @@ from fair_core.losses import (
 NAN = math.nan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder_dirs(tmp_path_factory):
     """Tiny random CLIP-vision and DINOv2 models saved as local model folders."""

@@ -159,15 +159,6 @@ def assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> N
         assert torch.equal(got[key], value), key
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~50x slower with 2 OpenMP threads on a busy 2-core machine than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd15")
