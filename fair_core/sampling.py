@@ -52,6 +52,7 @@ def generate_images(
     resolution: int | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Images ``(N, 3, H, W)`` in ``[-1, 1]`` (on CPU, float32) for ``prompts[i]`` with noise seed ``seeds[i]``."""
     if len(prompts) != len(seeds):
@@ -64,7 +65,7 @@ def generate_images(
         noise = seeded_noise(seeds[start : start + batch_size], shape, device)
         latents = sample(
             parts.unet, parts.scheduler, noise, conditioning.cond, conditioning.uncond, num_steps, guidance_scale,
-            added_cond=conditioning.added_cond,
+            added_cond=conditioning.added_cond, autocast_dtype=autocast_dtype,
         )
         images.append(decode_latents(parts, latents).float().cpu())
     return torch.cat(images)

@@ -126,6 +126,7 @@ class FairTrainer:
             self.soft_prompt = SoftPrompt.initialise(parts, config.num_tokens, seed=config.seed)
             parameters += list(self.soft_prompt.parameters())
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        self.autocast_dtype = None if config.mixed_precision == "no" else weight_dtype
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             if module is not None:
                 module.to(self.device, dtype=weight_dtype)
@@ -185,7 +186,7 @@ class FairTrainer:
             conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
             latents = sample(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
-                self.config.guidance_scale, added_cond=conditioning.added_cond,
+                self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
             )
             images.append(decode_latents(self.parts, latents))
         return torch.cat(images)
@@ -211,6 +212,7 @@ class FairTrainer:
             result = adjusted_backward(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, loss_fn, added_cond=conditioning.added_cond, mode=self.config.gradient_mode,
+                autocast_dtype=self.autocast_dtype,
             )
             total += float(result.loss)
         return total
@@ -253,7 +255,7 @@ class FairTrainer:
                 images = generate_images(
                     self.parts, [prompt] * len(seeds), seeds, config.val_steps, config.guidance_scale,
                     soft_prompt=self.soft_prompt, resolution=config.resolution, batch_size=config.micro_batch,
-                    device=self.device,
+                    device=self.device, autocast_dtype=self.autocast_dtype,
                 )
                 logits, has_face = self._score(images.to(self.device))
                 labels_per_prompt.append(torch.stack([l.argmax(-1) for l in logits], dim=1).cpu().numpy())
