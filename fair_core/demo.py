@@ -34,7 +34,7 @@ class DemoSettings:
     """Knobs of ``fair demo``; the defaults fit the 5-minute budget on 2 CPU cores."""
 
     target: str = "colour=uniform"
-    iterations: int = 60
+    iterations: int = 40
     images_per_prompt: int = 16
     eval_images_per_prompt: int = 48
     eval_steps: int = 20
@@ -122,12 +122,13 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         entry = {"classes": list(attribute.classes), "before": shares_before.tolist(), "after": shares_after.tolist(),
                  "moved_tv": float(total_variation(shares_before, shares_after)), "targeted": attribute.name in target_names}
         if attribute.name in target_names:
-            marginal = target.marginal(attribute.name)
-            entry["target"] = marginal.tolist()
-            entry["distance_after_tv"] = float(total_variation(shares_after, marginal))
-            distribution_chart(out / f"chart_{attribute.name}.png", attribute.classes,
-                               {"before": shares_before, "after": shares_after, "target": marginal},
-                               title=f"{attribute.name} on held-out occupations (evaluation classifier)")
+            entry["target"] = target.marginal(attribute.name).tolist()
+            entry["distance_after_tv"] = after.overall.groups[attribute.name].distance.estimate
+            per_prompt = {when: [figures_of.prompts[p].groups[attribute.name].frequencies.estimate[0] for p in prompts]
+                          for when, figures_of in (("before", before), ("after", after))}
+            per_prompt["target"] = [entry["target"][0]] * len(prompts)
+            distribution_chart(out / f"chart_{attribute.name}.png", [p.split()[-1] for p in prompts], per_prompt,
+                               title=f"share of {attribute.classes[0]} per held-out occupation (evaluation classifier)")
         figures["attributes"][attribute.name] = entry
     moved = torch.cat([content_change(before_images[p], after_images[p]) for p in prompts])
     figures["content_change"] = {"position_px": float(moved[:, 0].mean()), "size_px": float(moved[:, 1].mean()),
