@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from fair_core.sampling import seeded_noise
 from fair_core.tiny import BOS, EOS, tiny_scheduler
 from fair_core.toyworld.world import IMAGE_SIZE, OCCUPATIONS, PROMPT_TEMPLATE, TOY_SCHEMA
 
@@ -143,12 +144,6 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
     return text_encoder(tokens.input_ids.to(text_encoder.device)).last_hidden_state
 
 
-def seeded_noise(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Noise ``(len(seeds), 3, IMAGE_SIZE, IMAGE_SIZE)``, one CPU generator per seed (batch-independent)."""
-    shape = (3, IMAGE_SIZE, IMAGE_SIZE)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def generate(
     unet: UNet2DConditionModel,
@@ -172,7 +167,7 @@ def generate(
     images = []
     for start in range(0, len(prompts), batch_size):
         cond = encode_prompts(text_encoder, tokenizer, prompts[start : start + batch_size])
-        latents = seeded_noise(seeds[start : start + batch_size], device)
+        latents = seeded_noise(seeds[start : start + batch_size], (3, IMAGE_SIZE, IMAGE_SIZE), device)
         scheduler = sampling_scheduler()
         scheduler.set_timesteps(num_steps, device=device)
         latents = latents * scheduler.init_noise_sigma
