@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +197,33 @@ class ImagePreservationLoss(nn.Module):
             images = scale_gradient_in_boxes(images, face_boxes, factor2)
         loss = sum(1.0 - (encoder(images) * target.to(images.device)).sum(dim=-1) for encoder, target in zip(self.encoders, targets))
         return loss if weights is None else loss * weights.to(loss)
+
+
+class PreservationLoss(Protocol):
+    """What the trainer needs of an image-preservation loss (:class:`ImagePreservationLoss`, or the toy
+    world's :class:`~fair_core.toyworld.preservation.ColourBlindPreservationLoss`)."""
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def __call__(self, images: torch.Tensor, reference: Sequence[torch.Tensor], weights: torch.Tensor | None = None,
+                 face_boxes: torch.Tensor | None = None, factor2: torch.Tensor | float = 1.0) -> torch.Tensor: ...
+
+
+def load_preservation_loss(entries: Sequence[str], device: str | torch.device = "cpu") -> PreservationLoss | None:
+    """Build the loss named by ``TrainConfig.preservation``: ``toy``, ``clip:DIR``, ``dino:DIR``; None if empty."""
+    if not entries:
+        return None
+    if "toy" in entries:
+        if len(entries) > 1:
+            raise ValueError(f"preservation: 'toy' cannot be combined with other encoders, got {list(entries)}")
+        from fair_core.toyworld.preservation import ColourBlindPreservationLoss
+
+        return ColourBlindPreservationLoss()
+    encoders = []
+    for entry in entries:
+        kind, _, folder = entry.partition(":")
+        encoders.append(ImageEncoder.from_pretrained(folder, kind))
+    return ImagePreservationLoss(encoders).to(device)
 
 
 # --------------------------------------------------------------------------- face realism

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from fair_core.losses import PreservationLoss, load_preservation_loss
 from fair_core.models import DiffusionParts, load_diffusion_parts
 from fair_core.prompts import resolve_prompt_set
 from fair_core.scoring import AttributeScorer
@@ -25,6 +26,7 @@ class TrainingSetup:
     target: TargetDistribution
     train_prompts: list[str]
     val_prompts: list[str]
+    preservation: PreservationLoss | None = None
 
 
 def load_scorer(classifier: str, device: str = "cpu") -> AttributeScorer:
@@ -53,10 +55,14 @@ def load_training_setup(config: TrainConfig, device: str = "cpu") -> TrainingSet
             raise ValueError("the toy world trains with its own classifier: set classifier: toy")
         train = [world.prompt(o) for o in world.train_occupations]
         val = [world.prompt(o) for o in world.heldout_occupations]
-        return TrainingSetup(world.parts(), world.train_scorer, parse_target(config.target, world.schema), train, val)
+        preservation = load_preservation_loss(config.preservation, device)
+        return TrainingSetup(world.parts(), world.train_scorer, parse_target(config.target, world.schema), train, val, preservation)
     parts = load_diffusion_parts(config.model, base=config.base)
     scorer = load_scorer(config.classifier, device)
     schema = {a.name: a for a in scorer.attributes} | {k: v for k, v in DEFAULT_SCHEMA.items() if k not in {a.name for a in scorer.attributes}}
     train = list(resolve_prompt_set(config.train_prompts, config.prompt_template).prompts)
     val = list(resolve_prompt_set(config.val_prompts, config.prompt_template).prompts)
-    return TrainingSetup(parts, scorer, parse_target(config.target, schema), train, val)
+    if "toy" in config.preservation:
+        raise ValueError("preservation: 'toy' is the toy world's view; for Stable Diffusion use clip:DIR and/or dino:DIR")
+    preservation = load_preservation_loss(config.preservation, device)
+    return TrainingSetup(parts, scorer, parse_target(config.target, schema), train, val, preservation)

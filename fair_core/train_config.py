@@ -42,6 +42,12 @@ class TrainConfig:
     mapping (YAML), or a path to a YAML/JSON file."""
     confidence_threshold: float = 0.8
     assignment_samples: int = 100
+    preservation: list[str] = field(default_factory=list)
+    """Image-preservation encoders, comparing each image with the frozen model's image from the same
+    noise (Shen et al. use ``clip:DIR`` and ``dino:DIR``, local transformers folders of CLIP ViT-H/14 and
+    DINOv2 ViT-B/14); ``toy``: the toy world's colour-blind view. Empty: off (one sampling pass cheaper)."""
+    preservation_weight: float = 8.0
+    """lambda_img, the weight of the preservation loss against the alignment loss (the paper's 8)."""
 
     # --- prompts -----------------------------------------------------------------------------------
     train_prompts: str = "occupations-train"
@@ -106,6 +112,13 @@ class TrainConfig:
             raise ValueError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if isinstance(self.preservation, str):
+            self.preservation = [self.preservation]
+        bad = [e for e in self.preservation if e != "toy" and not (str(e).startswith(("clip:", "dino:")) and len(str(e)) > 5)]
+        if bad:
+            raise ValueError(f"preservation: entries are 'toy', 'clip:DIR' or 'dino:DIR', got {bad}")
+        if not self.preservation_weight >= 0:
+            raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}")
         for name in ("images_per_prompt", "micro_batch", "iterations", "lora_rank", "num_tokens",
                      "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
             if int(getattr(self, name)) < 1:

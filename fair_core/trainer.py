@@ -6,7 +6,8 @@ Each iteration takes one prompt and a global batch of N seeded noises spread ove
 2. probabilities gathered from all processes; the optimal-transport targets are solved once over the
    global batch with the same seed everywhere, so every process gets identical targets;
 3. gradient pass in micro-batches: adjusted DFT through the sampler (``fair_core.dft``) on the
-   distributional alignment loss (+ optional preservation losses);
+   distributional alignment loss, plus (optional) lambda_img times the image-preservation loss against
+   the frozen model's image from the same noise (sampled once per iteration with the adapters off);
 4. gradients averaged over processes, AdamW step (skipped and counted when a gradient is not finite),
    EMA update.
 
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from fair_core.alignment import assign_targets, dal_loss
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import adjusted_backward
+from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
 from fair_core.metrics import summarise_labels
 from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
@@ -42,7 +44,7 @@ from fair_core.sampling import decode_latents, generate_images, latent_shape, se
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import TargetDistribution
 from fair_core.train_config import TrainConfig
-from fair_core.trainable import SoftPrompt, add_text_encoder_lora, add_unet_lora
+from fair_core.trainable import SoftPrompt, adapters_disabled, add_text_encoder_lora, add_unet_lora
 from fair_core.plots import save_image_grid
 
 CHECKPOINT_PREFIX = "iter_"
@@ -57,6 +59,25 @@ class TrainState:
     images_without_face: int = 0
     images_seen: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PreservationReference:
+    """The frozen model's images of one iteration, as the preservation loss needs them (local images).
+
+    Attributes:
+        embedding: ``PreservationLoss.embed`` of the images, one ``(n, D_e)`` tensor per encoder.
+        labels: ``(n, A)`` the classifier's class of each image for the target attributes.
+        boxes: ``(n, 4)`` face boxes (NaN = none), or None for whole-image scorers.
+    """
+
+    embedding: list[torch.Tensor]
+    labels: torch.Tensor
+    boxes: torch.Tensor | None
+
+    def __getitem__(self, rows: slice) -> "PreservationReference":
+        return PreservationReference([e[rows] for e in self.embedding], self.labels[rows],
+                                     None if self.boxes is None else self.boxes[rows])
 
 
 @dataclass
@@ -80,12 +101,16 @@ class FairTrainer:
         train_prompts: Sequence[str],
         val_prompts: Sequence[str] = (),
         accelerator: Accelerator | None = None,
+        preservation: PreservationLoss | None = None,
         extra_losses: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
     ):
+        """``preservation`` is weighted by ``config.preservation_weight``; ``extra_losses`` are
+        ``(images, noise) -> (n,)`` per-image terms added as they are (for experiments and tests)."""
         if not train_prompts:
             raise ValueError("no training prompts")
         self.config, self.parts, self.scorer, self.target = config, parts, scorer, target
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
+        self.preservation = preservation
         self.extra_losses = list(extra_losses)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
@@ -157,14 +182,16 @@ class FairTrainer:
         return slice(start, start + self.local_count)
 
     def _score(self, images: torch.Tensor):
+        """Logits of the target attributes (list of ``(n, K_a)``) and the full :class:`AttributeScores`."""
         scores = self.scorer(images)
-        return [scores.logits[i] for i in self.attribute_index], scores.has_face
+        return [scores.logits[i] for i in self.attribute_index], scores
 
     @torch.no_grad()
     def _targets(self, prompt: str, noise: torch.Tensor, steps: int, iteration: int) -> tuple[torch.Tensor, int]:
         """Labels ``(n_local, A)`` (-1 = no target) for this process's images, solved over the global batch."""
-        images = self._sample_images(prompt, noise, steps)
-        logits, has_face = self._score(images)
+        images = self._sample_images(prompt, noise, steps, self.soft_prompt)
+        logits, scores = self._score(images)
+        has_face = scores.has_face
         probs = torch.cat([torch.softmax(l.float(), dim=-1) for l in logits], dim=-1)
         probs = self.accelerator.gather(probs.contiguous()).double().cpu().numpy()
         has_face = self.accelerator.gather(has_face.contiguous()).cpu().numpy().astype(bool)
@@ -177,13 +204,23 @@ class FairTrainer:
         labels = torch.from_numpy(result.labels[self.local_slice()]).to(self.device)
         return labels, int((~has_face).sum())
 
-    def _sample_images(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    @torch.no_grad()
+    def _reference(self, prompt: str, noise: torch.Tensor, steps: int) -> PreservationReference:
+        """The frozen model's images from the same noise (adapters and soft tokens off), embedded and scored."""
+        parts = self.parts
+        with adapters_disabled(*(m for m in (parts.unet, *parts.text_encoders) if m is not None)):
+            images = self._sample_images(prompt, noise, steps, soft_prompt=None)
+        logits, scores = self._score(images)
+        labels = torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
+        return PreservationReference(self.preservation.embed(images), labels, scores.boxes)
+
+    def _sample_images(self, prompt: str, noise: torch.Tensor, steps: int, soft_prompt: SoftPrompt | None) -> torch.Tensor:
         from fair_core.dft import sample
 
         images = []
         for start in range(0, noise.shape[0], self.config.micro_batch):
             chunk = noise[start : start + self.config.micro_batch]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=soft_prompt)
             latents = sample(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
@@ -191,20 +228,32 @@ class FairTrainer:
             images.append(decode_latents(self.parts, latents))
         return torch.cat(images)
 
-    def _gradient_pass(self, prompt: str, noise: torch.Tensor, steps: int, labels: torch.Tensor) -> float:
-        """Accumulate d(mean DAL loss)/d(params) over this process's images; returns the summed loss."""
+    def _gradient_pass(self, prompt: str, noise: torch.Tensor, steps: int, labels: torch.Tensor,
+                       reference: PreservationReference | None) -> float:
+        """Accumulate d(mean loss)/d(params) over this process's images; returns the summed loss."""
         total = 0.0
+        names = [a.name for a in self.target.attributes]
         for start in range(0, noise.shape[0], self.config.micro_batch):
-            chunk, chunk_labels = noise[start : start + self.config.micro_batch], labels[start : start + self.config.micro_batch]
-            if bool((chunk_labels < 0).all()) and not self.extra_losses:
+            rows = slice(start, start + self.config.micro_batch)
+            chunk, chunk_labels = noise[rows], labels[rows]
+            chunk_reference = None if reference is None else reference[rows]
+            if bool((chunk_labels < 0).all()) and chunk_reference is None and not self.extra_losses:
                 continue  # nothing to learn from these images
             conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
 
             def loss_fn(latents: torch.Tensor) -> torch.Tensor:
                 images = decode_latents(self.parts, latents)
-                logits, has_face = self._score(images)
+                logits, scores = self._score(images)
+                has_face = scores.has_face
                 kept = torch.where(has_face[:, None], chunk_labels, torch.full_like(chunk_labels, -1))
                 per_image = dal_loss(logits, kept)
+                if chunk_reference is not None:
+                    weights, factor2 = preservation_factors(chunk_labels, chunk_reference.labels, has_face, names)
+                    boxes = None
+                    if scores.boxes is not None and chunk_reference.boxes is not None:
+                        boxes = intersect_boxes(scores.boxes.detach(), chunk_reference.boxes)
+                    preserved = self.preservation(images, chunk_reference.embedding, weights, boxes, factor2)
+                    per_image = per_image + self.config.preservation_weight * preserved
                 for extra in self.extra_losses:
                     per_image = per_image + extra(images, chunk)
                 return per_image.sum() / self.local_count
@@ -221,8 +270,9 @@ class FairTrainer:
         prompt, steps, seeds = self.iteration_plan(iteration)
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
         labels, no_face = self._targets(prompt, noise, steps, iteration)
+        reference = self._reference(prompt, noise, steps) if self.preservation is not None else None
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._gradient_pass(prompt, noise, steps, labels)
+        loss = self._gradient_pass(prompt, noise, steps, labels, reference)
         loss = float(self.accelerator.reduce(torch.tensor([loss], device=self.device), reduction="sum").item())
         for parameter in self.parameters:  # average over processes: each process holds d(its share)/d(theta)
             parameter.grad = self.accelerator.reduce(parameter.grad.contiguous(), reduction="sum")
@@ -257,7 +307,8 @@ class FairTrainer:
                     soft_prompt=self.soft_prompt, resolution=config.resolution, batch_size=config.micro_batch,
                     device=self.device, autocast_dtype=self.autocast_dtype,
                 )
-                logits, has_face = self._score(images.to(self.device))
+                logits, scores = self._score(images.to(self.device))
+                has_face = scores.has_face
                 labels_per_prompt.append(torch.stack([l.argmax(-1) for l in logits], dim=1).cpu().numpy())
                 faces_per_prompt.append(has_face.cpu().numpy())
                 first_images = images if first_images is None else first_images

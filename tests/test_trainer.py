@@ -96,6 +96,33 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in adaptor.lora.values())
 
 
+class ImagesAsEmbedding(torch.nn.Module):
+    """A preservation loss whose 'embedding' is the image itself (for checking what the trainer feeds it)."""
+
+    def embed(self, images):
+        return [images.detach()]
+
+    def forward(self, images, reference, weights=None, face_boxes=None, factor2=1.0):
+        return (images - reference[0]).pow(2).flatten(1).mean(dim=1) * weights
+
+
+def test_preservation_compares_with_the_frozen_model_from_the_same_noise(tmp_path):
+    from fair_core.sampling import latent_shape, seeded_noise
+
+    trainer = make_trainer(str(tmp_path / "a"), 2, preservation=["toy"])  # the entry only switches the pass on
+    trainer.preservation = ImagesAsEmbedding()
+    trainer.fit()
+    prompt, steps, seeds = trainer.iteration_plan(0)
+    noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
+    reference = trainer._reference(prompt, noise, steps)
+    frozen = make_trainer(str(tmp_path / "b"), 1)  # LoRA up-weights start at zero: the base model
+    expected = frozen._sample_images(prompt, noise, steps, soft_prompt=None)
+    assert torch.allclose(reference.embedding[0], expected, atol=1e-6)
+    assert reference.labels.shape == (4, 1)
+    trained = trainer._sample_images(prompt, noise, steps, trainer.soft_prompt)
+    assert not torch.allclose(trained, expected, atol=1e-4), "the adapters must be back on after the reference pass"
+
+
 def test_exported_metadata_records_run(tmp_path):
     trainer = make_trainer(str(tmp_path), 1)
     result = trainer.fit()
@@ -112,6 +139,8 @@ def test_exported_metadata_records_run(tmp_path):
         ({"steps_min": 5, "steps_max": 3}, "steps_min"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"images_per_prompt": 0}, "images_per_prompt"),
+        ({"preservation": ["clip"]}, "preservation"),
+        ({"preservation_weight": -1.0}, "preservation_weight"),
     ],
 )
 def test_config_errors_name_the_field(values, message):

@@ -45,7 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     from fair_core.trainer import FairTrainer
 
     setup = load_training_setup(config, device=config.device or "cpu")
-    trainer = FairTrainer(config, setup.parts, setup.scorer, setup.target, setup.train_prompts, setup.val_prompts)
+    trainer = FairTrainer(config, setup.parts, setup.scorer, setup.target, setup.train_prompts, setup.val_prompts,
+                          preservation=setup.preservation)
     result = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
         print(f"adaptor: {result.adaptor_path}  ({result.state.iteration} iterations, "
