@@ -1,15 +1,21 @@
-"""``fair eval``: generate images with stable per-image seeds, score them, cache results per image, summarise.
+"""``fair eval``: generate images with stable per-image seeds (or read a folder), score them, cache results
+per image, summarise, and write a report.
 
 Image ``j`` of prompt ``P`` gets the noise seed ``stable_seed(P, j, base_seed)`` in every run, process and
 machine. Results go to ``<out>/cache/<variant>.jsonl``, one line per image, appended per batch, so a killed run
-resumes without regenerating finished images.
+resumes without regenerating finished images; ``<variant>.settings.json`` beside it records what the
+records depend on, and a rerun with other settings into the same folder is refused. The first
+``grid_images`` images of each prompt are kept as PNG thumbnails under ``<out>/images/<variant>/`` for the
+paired grids (same seeds, one row per variant).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import re
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,11 +40,66 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"
+    grid_images: int = 8
+    """Images per prompt kept as thumbnails for the paired grids."""
+
+    def fingerprint(self, identity: dict) -> dict:
+        """What cached records depend on: these settings (not batch size, device or grid size) plus
+        ``identity`` (model, adaptor and classifier names/hashes)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "device", "grid_images")}
+        return {"settings": settings, **identity}
+
+
+ImageCallback = Callable[[Sequence[str], Sequence[int], torch.Tensor], None]
+THUMBNAIL_SIZE = 128
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_seed(prompt: str, index: int, base_seed: int) -> int:
     """Noise seed of image ``index`` of ``prompt``: ``stable_seed(prompt, index, base_seed)``."""
     return stable_seed(prompt, index, base_seed)
+
+
+def prompt_slug(prompt: str) -> str:
+    """A file-name-safe, readable stem for a prompt (lower case, ``[a-z0-9_]``, at most 60 characters)."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
+
+
+def check_cache_settings(cache_path: Path, fingerprint: dict) -> None:
+    """Write ``<cache>.settings.json`` on first use; raise ValueError if it records other settings."""
+    settings_path = cache_path.with_suffix(".settings.json")
+    if settings_path.is_file():
+        stored = json.loads(settings_path.read_text(encoding="utf-8"))
+        if stored != fingerprint:
+            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+            raise ValueError(f"{cache_path} holds results made with other settings (differs in: {', '.join(changed)}); "
+                             "use a new --out folder or delete that cache")
+    elif cache_path.is_file() and cache_path.stat().st_size > 0:
+        raise ValueError(f"{cache_path} has no settings record; use a new --out folder or delete that cache")
+    else:
+        settings_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def thumbnail_saver(folder: Path, prompts: Sequence[str], count: int) -> ImageCallback:
+    """An ``on_images`` callback writing images ``j < count`` as ``folder/<prompt slug>/<j>.png`` (at most
+    :data:`THUMBNAIL_SIZE` px) for :func:`write_paired_grids`."""
+    from fair_core.plots import to_uint8
+    from PIL import Image
+
+    slugs = {p: prompt_slug(p) for p in prompts}
+
+    def save(batch_prompts: Sequence[str], indices: Sequence[int], images: torch.Tensor) -> None:
+        tiles = to_uint8(images)
+        for prompt, index, tile in zip(batch_prompts, indices, tiles):
+            if index < count:
+                picture = Image.fromarray(tile)
+                picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+                path = folder / slugs.get(prompt, prompt_slug(prompt)) / f"{index}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                picture.save(path)
+
+    return save
 
 
 def _read_cache(path: Path) -> dict[tuple[str, int], dict]:
@@ -72,26 +133,132 @@ def score_records(scorer: AttributeScorer, images: torch.Tensor, prompts: Sequen
 
 
 def generate_and_score(parts: DiffusionParts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings,
-                       cache_path: Path, soft_prompt=None, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Records of every (prompt, image) in prompt-then-index order; images already in the cache are not redone."""
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_cache(cache_path)
+                       cache_path: Path | None = None, soft_prompt=None, on_images: ImageCallback | None = None,
+                       description: str = "fair eval") -> list[dict]:
+    """Records of every (prompt, image) in prompt-then-index order, with a progress bar.
+
+    With ``cache_path``, finished images are read from it and not redone, new ones appended per batch.
+    ``on_images(prompts, indices, images)`` sees each generated batch (``(n, 3, H, W)`` in [-1, 1]).
+    """
+    from tqdm.auto import tqdm
+
+    done = _read_cache(cache_path) if cache_path is not None else {}
     jobs = [(p, j) for p in prompts for j in range(settings.images_per_prompt)]
     missing = [job for job in jobs if job not in done]
-    with cache_path.open("a", encoding="utf-8") as cache:
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        cache = stack.enter_context(cache_path.open("a", encoding="utf-8")) if cache_path is not None else None
+        bar = stack.enter_context(tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=description, unit="img",
+                                       dynamic_ncols=True))
         for start in range(0, len(missing), settings.batch_size):
             batch = missing[start : start + settings.batch_size]
-            batch_prompts = [p for p, _ in batch]
+            batch_prompts, indices = [p for p, _ in batch], [j for _, j in batch]
             seeds = [image_seed(p, j, settings.seed) for p, j in batch]
             images = generate_images(parts, batch_prompts, seeds, settings.num_steps, settings.guidance_scale,
                                      soft_prompt=soft_prompt, batch_size=settings.batch_size, device=settings.device)
-            for record in score_records(scorer, images.to(settings.device), batch_prompts, [j for _, j in batch], seeds):
-                cache.write(json.dumps(record) + "\n")
-                done[(record["prompt"], record["index"])] = record
-            cache.flush()
-            if progress is not None:
-                progress(start + len(batch), len(missing))
+            if on_images is not None:
+                on_images(batch_prompts, indices, images)
+            records = score_records(scorer, images.to(settings.device), batch_prompts, indices, seeds)
+            done.update({(r["prompt"], r["index"]): r for r in records})
+            if cache is not None:
+                cache.write("".join(json.dumps(r) + "\n" for r in records))
+                cache.flush()
+            bar.update(len(batch))
     return [done[job] for job in jobs]
+
+
+
+@dataclass
+class FolderReport:
+    """What :func:`score_image_folder` did besides scoring: files it converted, resized or could not read."""
+
+    converted: list[str]
+    resized: list[str]
+    unreadable: list[str]
+
+    def lines(self) -> list[str]:
+        out = []
+        for what, files in (("converted to RGB", self.converted), ("resized", self.resized), ("unreadable, skipped", self.unreadable)):
+            if files:
+                out.append(f"{len(files)} image(s) {what}: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
+        return out
+
+
+def read_image_folder(folder: str | Path) -> dict[str, list[Path]]:
+    """Prompt -> image files of a folder of already generated images.
+
+    Layout: one subfolder per prompt, named by the prompt (underscores read as spaces), holding images
+    (``.png``/``.jpg``/``.jpeg``/``.webp``/``.bmp``) in name order; image ``j`` is the ``j``-th file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder not found: {folder}")
+    prompts = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            prompts[sub.name.replace("_", " ")] = files
+    if not prompts:
+        raise ValueError(f"{folder}: no images found; expected one subfolder per prompt holding "
+                         f"{'/'.join(IMAGE_SUFFIXES)} files")
+    return prompts
+
+
+def score_image_folder(folder: str | Path, scorer: AttributeScorer, input_size: int | None = None,
+                       batch_size: int = 8, device: str = "cpu", on_images: ImageCallback | None = None) -> tuple[list[dict], FolderReport]:
+    """Records (seed ``None``, plus ``file``) of every readable image of :func:`read_image_folder`.
+
+    Images not in RGB (grey, RGBA, palette, 16-bit) are converted; with ``input_size`` (a whole-image
+    classifier's fixed size) other sizes are resized; files PIL cannot read are skipped. All three are
+    listed in the :class:`FolderReport`, never raised.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    report = FolderReport([], [], [])
+    loaded: list[tuple[str, int, str, torch.Tensor]] = []
+    for prompt, files in read_image_folder(folder).items():
+        for index, path in enumerate(files):
+            shown = f"{path.parent.name}/{path.name}"
+            try:
+                with Image.open(path) as picture:
+                    picture.load()
+                    if picture.mode != "RGB":
+                        report.converted.append(shown)
+                        picture = _to_rgb(picture)
+                    if input_size is not None and picture.size != (input_size, input_size):
+                        report.resized.append(shown)
+                        picture = picture.resize((input_size, input_size), Image.Resampling.BICUBIC)
+                    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+            except (OSError, UnidentifiedImageError, ValueError):
+                report.unreadable.append(shown)
+                continue
+            loaded.append((prompt, index, path.name, pixels))
+    records = []
+    # Batches of equal-sized images only (faces may be scored at any size).
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start : start + batch_size]
+        for shape in dict.fromkeys(tuple(item[3].shape) for item in chunk):
+            same = [item for item in chunk if tuple(item[3].shape) == shape]
+            images = torch.stack([item[3] for item in same])
+            prompts, indices = [i[0] for i in same], [i[1] for i in same]
+            if on_images is not None:
+                on_images(prompts, indices, images)
+            for record, item in zip(score_records(scorer, images.to(device), prompts, indices, [None] * len(same)), same):
+                records.append({**record, "file": item[2]})
+    order = {p: i for i, p in enumerate(dict.fromkeys(item[0] for item in loaded))}
+    return sorted(records, key=lambda r: (order[r["prompt"]], r["index"])), report
+
+
+def _to_rgb(picture):
+    """8-bit RGB from any PIL mode; 16/32-bit integer grey is scaled (PIL's own convert would clip it)."""
+    from PIL import Image
+
+    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(picture, dtype=np.float64)
+        grey = grey / 257.0 if grey.max() > 255 else grey  # 16-bit range (PNG "I;16" or "I")
+        return Image.fromarray(grey.clip(0, 255).astype(np.uint8)).convert("RGB")
+    return picture.convert("RGB")
 
 
 def predictions_of(records: Sequence[dict], target: TargetDistribution) -> dict[str, Predictions]:
@@ -137,32 +304,3 @@ def summarise_variants(variants: dict[str, list[dict]], target: TargetDistributi
                for n, p in predictions.items() if n != first}
     return {"target": target.to_json(), "summaries": {n: s.to_json() for n, s in summaries.items()},
             "changes": {n: c.to_json() for n, c in changes.items()}, "baseline": first}
-
-
-def write_report(out: Path, summary: dict) -> Path:
-    """``report.html`` (offline: charts embedded as base64 PNG) plus ``chart_<group>.png`` per attribute group."""
-    import base64
-    import html
-
-    from fair_core.plots import distribution_chart
-
-    summaries = summary["summaries"]
-    groups = next(iter(summaries.values()))["overall"]["groups"]
-    rows, charts = [], []
-    for group, figures in groups.items():
-        series = {v: [x if x is not None else 0.0 for x in s["overall"]["groups"][group]["frequencies"]["estimate"]]
-                  for v, s in summaries.items()}
-        series["target"] = figures["target"]
-        path = distribution_chart(out / f"chart_{group.replace(' ', '')}.png", figures["classes"], series, title=group)
-        charts.append(f'<h3>{html.escape(group)}</h3><img src="data:image/png;base64,'
-                      f'{base64.b64encode(path.read_bytes()).decode()}">')
-        for variant, s in summaries.items():
-            bias = s["overall"]["groups"][group]["bias"]
-            rows.append(f"<tr><td>{html.escape(variant)}</td><td>{html.escape(group)}</td>"
-                        f"<td>{bias['estimate']:.3f} [{bias['low']:.3f}, {bias['high']:.3f}]</td></tr>")
-    page = ("<!doctype html><meta charset='utf-8'><title>fair eval</title><h1>fair eval report</h1>"
-            "<table border=1><tr><th>variant</th><th>group</th><th>bias (95% CI)</th></tr>" + "".join(rows) + "</table>"
-            + "".join(charts))
-    report = out / "report.html"
-    report.write_text(page, encoding="utf-8")
-    return report

@@ -55,3 +55,73 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "has no prompts" in capsys.readouterr().err
     assert run(tmp_path / "missing.txt", tmp_path / "o") == 2
     assert "neither a built-in set" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused(prompt_file, tmp_path, capsys):
+    assert run(prompt_file, tmp_path / "a") == 0
+    assert run(prompt_file, tmp_path / "a", ["--seed", "1"]) == 2
+    assert "other settings (differs in: settings)" in capsys.readouterr().err
+
+
+def test_report_has_tables_grids_and_per_prompt_changes(prompt_file, tmp_path):
+    out = tmp_path / "r"
+    assert run(prompt_file, out, ["--grid-images", "2", "--images", str(make_folder(tmp_path / "folder"))]) == 0
+    page = (out / "report.html").read_text()
+    for text in ("Overall", "Paired change", "Per prompt", "A photo of a doctor", "folder − base", "grids/a_photo_of_a_doctor.png"):
+        assert text in page
+    from PIL import Image
+
+    grid = Image.open(out / "grids" / "a_photo_of_a_doctor.png")
+    assert grid.height > 2 * 16  # one row per variant (base, folder)
+    assert sorted(p.name for p in (out / "images" / "base" / "a_photo_of_a_doctor").iterdir()) == ["0.png", "1.png"]
+
+
+def make_folder(root):
+    """Three images per prompt in odd formats: grey 16-bit, RGBA at 40 px, a palette image, and one broken file."""
+    import numpy as np
+    from PIL import Image
+
+    for prompt in ("A photo of a doctor", "A photo of a nurse"):
+        sub = root / prompt.replace(" ", "_")
+        sub.mkdir(parents=True)
+        Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(sub / "0.png")
+        Image.new("RGBA", (40, 40), (200, 30, 30, 255)).save(sub / "1.png")
+        Image.new("RGB", (16, 16), (30, 30, 200)).convert("P").save(sub / "2.png")
+    (root / "A_photo_of_a_nurse" / "3.png").write_bytes(b"not an image")
+    return root
+
+
+def test_image_folder_is_converted_and_reported_not_crashed(tmp_path, capsys):
+    folder = make_folder(tmp_path / "gen")
+    assert main(["eval", "--images", str(folder), "--classifier", "toy", "--out", str(tmp_path / "o")]) == 0
+    output = capsys.readouterr().out
+    assert "6 image(s) converted to RGB" in output and "2 image(s) resized" in output
+    assert "1 image(s) unreadable, skipped: A_photo_of_a_nurse/3.png" in output
+    rows = (tmp_path / "o" / "images.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6
+
+
+def test_classifier_without_metadata_is_a_clear_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    folder = make_folder(tmp_path / "gen")
+    assert main(["eval", "--images", str(folder), "--classifier", str(path), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert "bare.safetensors" in error and "Traceback" not in error
+
+
+def test_adaptor_for_another_base_is_a_clear_error(prompt_file, tmp_path, capsys):
+    from peft import LoraConfig
+
+    from fair_core.adaptor import FairMetadata, write_adaptor
+    from fair_core.tiny import tiny_sd15
+
+    parts = tiny_sd15()
+    parts.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="trained")
+    path = tmp_path / "sd15_adaptor.safetensors"
+    write_adaptor(path, text_encoders={"te": parts.text_encoder}, metadata=FairMetadata())
+    assert run(prompt_file, tmp_path / "o", ["--adaptor", str(path)]) == 2
+    assert "base model mismatch: the adaptor is for sd15, not toy" in capsys.readouterr().err

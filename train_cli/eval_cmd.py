@@ -1,4 +1,5 @@
-"""`fair eval`: audit a model, with or without fair adaptors, over a prompt set (see fair_core.evaluation)."""
+"""`fair eval`: audit a model, with or without fair adaptors, or folders of images, over a prompt set
+(see fair_core.evaluation and fair_core.eval_report)."""
 
 from __future__ import annotations
 
@@ -6,47 +7,55 @@ import argparse
 import json
 from pathlib import Path
 
-from fair_core.evaluation import EvalSettings, generate_and_score, summarise_variants, write_csv, write_report
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="measure bias of a model / adaptors over a prompt set")
-    parser.add_argument("--model", required=True, help="diffusers directory, .safetensors checkpoint, or 'toy'")
+    parser = subparsers.add_parser(
+        "eval", help="measure bias of a model / adaptors / image folders over a prompt set",
+        description="Variants: the base model (--model), the base model with each --adaptor, and each --images "
+                    "folder (one subfolder per prompt). All generated variants use the same seeds; every variant "
+                    "is compared with the first on the same image indices.",
+    )
+    parser.add_argument("--model", default=None, help="diffusers directory, .safetensors checkpoint, or 'toy'")
     parser.add_argument("--adaptor", action="append", default=[], help="fair adaptor (repeat to compare several)")
-    parser.add_argument("--prompts", required=True, help="prompt file or built-in set (e.g. occupations-test)")
+    parser.add_argument("--images", action="append", default=[], help="folder of generated images, one subfolder per prompt (repeatable)")
+    parser.add_argument("--prompts", default=None, help="prompt file or built-in set (e.g. occupations-test); needed with --model")
     parser.add_argument("--classifier", required=True, help="classifier .onnx/.safetensors, or 'toy'")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target", default=None, help="target expression (default: uniform over all attributes)")
-    parser.add_argument("--reference", default=None, help="reference distribution for amplification")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--target", default=None, help="target expression (default: uniform over every attribute)")
+    parser.add_argument("--reference", default=None, help="reference (training data) distribution for amplification")
+    parser.add_argument("--out", required=True, help="report folder; rerunning into it resumes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grid-images", type=int, default=8, help="images per prompt in the paired grids")
     parser.set_defaults(func=_run)
 
 
-def _load(args: argparse.Namespace):
-    from fair_core.toyworld import load_toy_world
+def _scorer(classifier: str, device: str):
+    """(scorer, identity, whole-image input size or None)."""
+    if classifier == "toy":
+        from fair_core.toyworld import IMAGE_SIZE, load_toy_world
 
-    if args.model == "toy":
+        return load_toy_world(device=device).eval_scorer, {"classifier": "toy-eval"}, IMAGE_SIZE
+    from fair_core.classifiers import load_classifier
+    from fair_core.classifiers.metadata import file_identity
+    from fair_core.faces import FaceAttributeScorer
 
-        def load_parts():
-            return load_toy_world(device=args.device).parts()
-    else:
-        from fair_core.models import load_diffusion_parts
+    identity = file_identity(classifier)
+    scorer = FaceAttributeScorer(None, load_classifier(classifier, device=device))
+    return scorer, {"classifier": identity["name"], "classifier_sha256": identity["sha256"]}, None
 
-        def load_parts():
-            return load_diffusion_parts(args.model, device=args.device)
-    if args.classifier == "toy":
-        scorer = load_toy_world(device=args.device).eval_scorer
-    else:
-        from fair_core.classifiers import load_classifier
-        from fair_core.faces import FaceAttributeScorer
 
-        scorer = FaceAttributeScorer(None, load_classifier(args.classifier, device=args.device))
-    return load_parts, scorer
+def _parts_loader(model: str, device: str):
+    if model == "toy":
+        from fair_core.toyworld import load_toy_world
+
+        return lambda: load_toy_world(device=device).parts()
+    from fair_core.models import load_diffusion_parts
+
+    return lambda: load_diffusion_parts(model, device=device)
 
 
 def _soft_prompt(adaptor, families):
@@ -61,31 +70,78 @@ def _soft_prompt(adaptor, families):
 
 def _run(args: argparse.Namespace) -> int:
     from fair_core.adaptor import apply_adaptor, read_adaptor
+    from fair_core.classifiers.metadata import file_identity
+    from fair_core.eval_report import write_paired_grids, write_report
+    from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, score_image_folder,
+                                      summarise_variants, thumbnail_saver, write_csv)
     from fair_core.prompts import resolve_prompt_set
     from fair_core.targets import TargetDistribution
 
-    prompts = list(resolve_prompt_set(args.prompts))
-    load_parts, scorer = _load(args)
+    if args.model is None and not args.images:
+        raise ValueError("give --model (to generate) and/or --images DIR (already generated images)")
+    if args.adaptor and args.model is None:
+        raise ValueError("--adaptor needs --model (the base model it applies to)")
+    if args.model is not None and args.prompts is None:
+        raise ValueError("--model needs --prompts (a prompt file or a built-in set such as occupations-test)")
+    if args.images_per_prompt < 1 or args.batch_size < 1:
+        raise ValueError("--images-per-prompt and --batch-size must be at least 1")
+    prompts = list(resolve_prompt_set(args.prompts)) if args.prompts else []
+    scorer, classifier_identity, input_size = _scorer(args.classifier, args.device)
     schema = {a.name: a for a in scorer.attributes}
     target = TargetDistribution.parse(args.target, schema) if args.target else TargetDistribution.uniform(scorer.attributes)
     reference = TargetDistribution.parse(args.reference, schema) if args.reference else None
-    settings = EvalSettings(args.images_per_prompt, args.steps, args.guidance, args.seed, args.batch_size, args.device)
+    settings = EvalSettings(args.images_per_prompt, args.steps, args.guidance, args.seed, args.batch_size, args.device,
+                            args.grid_images)
     out = Path(args.out)
-    variants = {}
-    for adaptor_path in [None, *args.adaptor]:
-        parts = load_parts()
-        families = ("te",) if parts.text_encoder_2 is None else ("te1", "te2")
-        soft_prompt = None
-        name = "base" if adaptor_path is None else Path(adaptor_path).stem
-        if adaptor_path is not None:
-            adaptor = read_adaptor(adaptor_path, expected_base=parts.base)
-            apply_adaptor(adaptor, unet=parts.unet, text_encoders=dict(zip(families, parts.text_encoders)))
-            soft_prompt = _soft_prompt(adaptor, families)
-        print(f"[eval] {name}: {len(prompts)} prompts x {settings.images_per_prompt} images")
-        variants[name] = generate_and_score(parts, scorer, prompts, settings, out / "cache" / f"{name}.jsonl", soft_prompt)
+    variants: dict[str, list[dict]] = {}
+    notes = [f"classifier: {classifier_identity['classifier']}; seed {args.seed}"]
+    if args.model is not None:
+        load_parts = _parts_loader(args.model, args.device)
+        notes.append(f"model: {args.model}; {len(prompts)} prompts x {args.images_per_prompt} images, "
+                     f"{args.steps} steps, guidance {args.guidance}")
+        for adaptor_path in [None, *args.adaptor]:
+            parts = load_parts()
+            families = ("te",) if parts.text_encoder_2 is None else ("te1", "te2")
+            name, soft_prompt, identity = "base", None, {"model": args.model, **classifier_identity}
+            if adaptor_path is not None:
+                adaptor = read_adaptor(adaptor_path, expected_base=parts.base)
+                apply_adaptor(adaptor, unet=parts.unet, text_encoders=dict(zip(families, parts.text_encoders)))
+                soft_prompt = _soft_prompt(adaptor, families)
+                name = Path(adaptor_path).stem
+                identity["adaptor_sha256"] = file_identity(adaptor_path)["sha256"]
+            if name in variants:
+                raise ValueError(f"two variants named {name!r}: rename one adaptor file")
+            cache = out / "cache" / f"{name}.jsonl"
+            check_cache_settings(cache, settings.fingerprint(identity))
+            saver = thumbnail_saver(out / "images" / name, prompts, settings.grid_images)
+            variants[name] = generate_and_score(parts, scorer, prompts, settings, cache, soft_prompt, saver, f"eval {name}")
+    for folder in args.images:
+        name = Path(folder).resolve().name
+        if name in variants:
+            raise ValueError(f"two variants named {name!r}: rename one image folder")
+        saver = thumbnail_saver(out / "images" / name, [], settings.grid_images)
+        records, report = score_image_folder(folder, scorer, input_size, args.batch_size, args.device, saver)
+        for line in report.lines():
+            print(f"[eval] {name}: {line}")
+        notes += [f"{name}: {line}" for line in report.lines()]
+        if not records:
+            raise ValueError(f"{folder}: no readable images")
+        variants[name] = records
     write_csv(out / "images.csv", variants)
     summary = summarise_variants(variants, target, reference, seed=args.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary)
-    print(f"[eval] wrote {out}/summary.json and images.csv")
+    all_prompts = list(dict.fromkeys(r["prompt"] for records in variants.values() for r in records))
+    grids = write_paired_grids(out, list(variants), all_prompts)
+    report = write_report(out, summary, grids, notes)
+    print(_headline(summary))
+    print(f"[eval] wrote {report}, summary.json, images.csv, grids/")
     return 0
+
+
+def _headline(summary: dict) -> str:
+    lines = ["bias (mean over prompts, 95% interval):"]
+    for variant, s in summary["summaries"].items():
+        for group, g in s["overall"]["groups"].items():
+            b = g["bias"]
+            lines.append(f"  {variant:>20}  {group}: {b['estimate']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+    return "\n".join(lines)
