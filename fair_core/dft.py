@@ -69,8 +69,10 @@ class _GuidedUNet:
     def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``z``: UNet input ``(N, C, H, W)``; returns the guided eps ``(N, C, H, W)`` in ``z.dtype``."""
         dtype = self.unet.dtype
-        hidden = torch.cat([self.uncond, self.cond]).to(dtype)
-        added = {name: torch.cat([u, c]).to(dtype) for name, (c, u) in self.added_cond.items()} or None
+        # At g = 1 the guided prediction is the conditional one: skip the unconditional half of the batch.
+        unguided = self.guidance_scale == 1.0
+        hidden = self.cond if unguided else torch.cat([self.uncond, self.cond])
+        added = {name: (c if unguided else torch.cat([u, c])).to(dtype) for name, (c, u) in self.added_cond.items()} or None
         autocast = (
             torch.autocast(z.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -78,9 +80,11 @@ class _GuidedUNet:
         )
         with autocast:
             out = self.unet(
-                torch.cat([z, z]).to(dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added,
-                return_dict=False,
+                (z if unguided else torch.cat([z, z])).to(dtype), t, encoder_hidden_states=hidden.to(dtype),
+                added_cond_kwargs=added, return_dict=False,
             )[0]
+        if unguided:
+            return out.to(z.dtype)
         eps_uncond, eps_cond = out.to(z.dtype).chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 

@@ -27,7 +27,7 @@ from fair_core.toyworld import (
     sample_world,
 )
 from fair_core.toyworld.checkpoint import load_classifier, load_unet, save_classifier
-from fair_core.toyworld.depth_sweep import _minority_share_ratio, _paired_flips, run_depth_sweep
+from fair_core.toyworld.depth_sweep import _minority_share_ratio, _paired_flips, format_depth_sweep, run_depth_sweep
 from fair_core.toyworld.pretrain import predict
 
 torch.set_num_threads(1)
@@ -156,6 +156,13 @@ def test_shipped_model_reproduces_the_skew(world):
     assert (rule == colour).float().mean() >= 0.9
 
 
+def test_guidance_one_shortcut_equals_the_guided_formula(world):
+    prompts, seeds = [world.prompt("pilot"), world.prompt("nurse")], [3, 4]
+    shortcut = world.generate(prompts, seeds, num_steps=10, guidance_scale=1.0)
+    full = world.generate(prompts, seeds, num_steps=10, guidance_scale=1.0 + 1e-6)  # takes the two-pass path
+    assert torch.allclose(shortcut, full, atol=1e-4)
+
+
 def test_ratio_and_flip_statistics_by_hand():
     flags = np.array([True] * 10 + [False] * 30)
     result = _minority_share_ratio([flags], reference=0.5)
@@ -177,5 +184,23 @@ def test_depth_sweep_runs_end_to_end(tmp_path):
     pooled = result["depths"]["1"]["pooled"]
     assert pooled["amplification_ratio"] == pytest.approx(pooled["generated_share"] / pooled["training_share"])
     assert json.loads((tmp_path / "depth_sweep.json").read_text()) == result
+    table = format_depth_sweep(result).splitlines()
+    assert len(table) == 3 and "reference" in table[1] and "p=" in table[2]
     with pytest.raises(ValueError, match="at least two distinct"):
         run_depth_sweep(depths=(1,), steps=1)
+
+
+def test_colour_blind_preservation_frees_colour_and_holds_content():
+    from fair_core.toyworld.preservation import ColourBlindPreservationLoss
+    from fair_core.toyworld.world import draw_figures
+
+    loss = ColourBlindPreservationLoss()
+    params = torch.tensor([[8.0, 8.5, 6.0, 0.1]] * 2)
+    red, blue = draw_figures(torch.tensor([[0, 1], [1, 1]]), params)
+    assert loss(blue[None], red[None]).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = draw_figures(torch.tensor([[0, 1]]), params[:1] + torch.tensor([1.0, 0, 0, 0]))
+    round_figure = draw_figures(torch.tensor([[0, 0]]), params[:1])
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert 1.0 < loss(shifted, red[None]).item() < loss(noise, red[None]).item()
+    assert loss(round_figure, red[None]).item() > 0.5
+    assert loss(noise, red[None], weights=torch.tensor([0.2])).item() == pytest.approx(0.2 * loss(noise, red[None]).item())

@@ -2,7 +2,8 @@
 
 Protocol (reference ``method-hakemi2025.md`` §1.4, §2.4, §4.1): denoisers that differ only in depth
 (``layers_per_block`` of the same UNet) are trained from scratch on the SAME finite biased training
-set, with the same initial text encoder, batches, timesteps and noise. Each is sampled on the same
+set, with the same initial text encoder, batches, timesteps and noise. By default the set holds one
+occupation (80% red), which makes the conditional UNet an unconditional model of it, as in the paper. Each is sampled on the same
 noise seeds, by default without guidance (``guidance_scale`` 1: the model's own conditional
 distribution; CFG would push every model to the majority). The evaluation classifier labels colour.
 
@@ -33,8 +34,9 @@ from fair_core.toyworld.models import build_text_encoder, build_unet, generate, 
 from fair_core.toyworld.pretrain import predict, train_denoiser
 from fair_core.toyworld.world import OCCUPATION_SKEWS, WorldSample, prompt, sample_world
 
-# Moderately skewed occupations (minority 8-25%), so the minority is common enough to count.
-SWEEP_OCCUPATIONS: tuple[str, ...] = ("lawyer", "baker", "plumber", "teacher")
+# One occupation with an 80/20 colour split: with a single prompt the conditional UNet is an unconditional
+# model of that occupation's images, as in the paper, and no training goes into learning the conditioning.
+SWEEP_OCCUPATIONS: tuple[str, ...] = ("lawyer",)
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -82,6 +84,10 @@ def _depth_report(minority: np.ndarray, occupations: list[str], data: WorldSampl
     names = list(dict.fromkeys(occupations))
     flags = {o: minority[generated_occupations == o] for o in names}
     reference = {o: float(train_minority[train_occupations == o].mean()) for o in names}
+    absent = [o for o, share in reference.items() if share == 0]
+    if absent:
+        raise ValueError(f"the training set has no minority-colour images of {absent}; "
+                         "raise train_images_per_occupation")
     return {
         # Every occupation has as many training images, so the pooled training share is the mean share.
         "pooled": _minority_share_ratio(list(flags.values()), float(np.mean(list(reference.values())))),
@@ -92,11 +98,11 @@ def _depth_report(minority: np.ndarray, occupations: list[str], data: WorldSampl
 def run_depth_sweep(
     depths: Sequence[int] = (1, 2, 3),
     steps: int = 300,
-    images_per_prompt: int = 64,
+    images_per_prompt: int = 128,
     seed: int = 0,
     out_dir: str | Path | None = None,
     occupations: Sequence[str] = SWEEP_OCCUPATIONS,
-    train_images_per_occupation: int = 250,
+    train_images_per_occupation: int = 1000,
     batch_size: int = 32,
     guidance_scale: float = 1.0,
     num_inference_steps: int = 20,
@@ -106,7 +112,9 @@ def run_depth_sweep(
 
     Args:
         depths: ``layers_per_block`` values, shallowest first is the flip reference.
-        steps: training steps per depth (same batches for every depth).
+        steps: training steps per depth (same batches for every depth). The default (a few minutes on
+            two CPU cores) leaves the models under-trained: they over-produce the minority, whatever
+            their depth. Claims about depth need converged models (thousands of steps).
         images_per_prompt: generated images per occupation (seeds ``0..images_per_prompt-1``).
         out_dir: if given, the result is also written to ``out_dir/depth_sweep.json``.
         classifier_path: colour classifier file (default: the shipped evaluation classifier).
@@ -160,3 +168,18 @@ def run_depth_sweep(
         path.mkdir(parents=True, exist_ok=True)
         (path / "depth_sweep.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def format_depth_sweep(summary: dict[str, Any]) -> str:
+    """A table of :func:`run_depth_sweep`'s result: per depth, minority share vs training share, the
+    amplification ratio with its 95% interval, and same-seed flips against the shallowest model."""
+    lines = ["depth  params   minority share (train)  amplification ratio [95% CI]  flips min->maj / maj->min (McNemar p)"]
+    for depth, report in summary["depths"].items():
+        pooled = report["pooled"]
+        flips = report.get("flips_vs_shallowest")
+        flip_text = (f"{flips['flip_minority_to_majority']:.3f} / {flips['flip_majority_to_minority']:.3f} "
+                     f"(p={flips['mcnemar_p']:.3g})" if flips else "reference")
+        lines.append(f"{depth:>5}  {report['parameters']:>7}  {pooled['generated_share']:.3f} ({pooled['training_share']:.3f})"
+                     f"           {pooled['amplification_ratio']:.3f} [{pooled['ar_ci_low']:.3f}, {pooled['ar_ci_high']:.3f}]"
+                     f"         {flip_text}")
+    return "\n".join(lines)

@@ -22,7 +22,6 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fair_core.sampling import seeded_noise
 from fair_core.tiny import BOS, EOS, tiny_scheduler
 from fair_core.toyworld.world import IMAGE_SIZE, OCCUPATIONS, PROMPT_TEMPLATE, TOY_SCHEMA
 
@@ -33,7 +32,8 @@ NUM_LOGITS = sum(len(a.classes) for a in TOY_SCHEMA.values())
 
 def prompt_words() -> list[str]:
     """Every word of every toy prompt, in first-seen order."""
-    words = PROMPT_TEMPLATE.replace("{occupation}", "").split() + list(OCCUPATIONS)
+    classes = [name for attribute in TOY_SCHEMA.values() for name in attribute.classes]
+    words = PROMPT_TEMPLATE.replace("{occupation}", "").split() + classes + list(OCCUPATIONS)
     return list(dict.fromkeys(words))
 
 
@@ -144,7 +144,6 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
     return text_encoder(tokens.input_ids.to(text_encoder.device)).last_hidden_state
 
 
-@torch.no_grad()
 def generate(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -155,29 +154,14 @@ def generate(
     guidance_scale: float = 7.5,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Sample images ``(N, 3, 16, 16)`` in ``[-1, 1]`` with DPM-Solver++ 2M and classifier-free guidance.
+    """Sample images ``(N, 3, 16, 16)`` in ``[-1, 1]`` with DPM-Solver++ 2M and classifier-free guidance, from
+    bare toy modules (:func:`fair_core.sampling.generate_images`, the trainer's sampler).
 
-    Image ``i`` uses prompt ``prompts[i]`` and noise seed ``seeds[i]``; ``guidance_scale`` 1 disables the
-    unconditional pass (the model's own conditional distribution).
+    Image ``i`` uses prompt ``prompts[i]`` and noise seed ``seeds[i]``; ``guidance_scale`` 1 samples the
+    model's own conditional distribution (no unconditional pass).
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = unet.device
-    uncond = encode_prompts(text_encoder, tokenizer, [""])
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        cond = encode_prompts(text_encoder, tokenizer, prompts[start : start + batch_size])
-        latents = seeded_noise(seeds[start : start + batch_size], (3, IMAGE_SIZE, IMAGE_SIZE), device)
-        scheduler = sampling_scheduler()
-        scheduler.set_timesteps(num_steps, device=device)
-        latents = latents * scheduler.init_noise_sigma
-        context = cond if guidance_scale == 1 else torch.cat([uncond.expand_as(cond), cond])
-        for t in scheduler.timesteps:
-            model_input = latents if guidance_scale == 1 else torch.cat([latents, latents])
-            eps = unet(scheduler.scale_model_input(model_input, t), t, encoder_hidden_states=context).sample
-            if guidance_scale != 1:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
-        images.append(latents.clamp(-1, 1).float().cpu())
-    return torch.cat(images)
+    from fair_core.models import DiffusionParts
+    from fair_core.sampling import generate_images
+
+    parts = DiffusionParts(unet, None, text_encoder, tokenizer, sampling_scheduler(), base="toy")
+    return generate_images(parts, prompts, seeds, num_steps, guidance_scale, batch_size=batch_size, device=unet.device)

@@ -56,12 +56,14 @@ from fair_core.toyworld.world import (
     TOY_SCHEMA,
     WorldSample,
     occupation_distribution,
+    prompt,
     sample_world,
 )
 
 CAPTION_DROPOUT = 0.1
+ATTRIBUTE_WORD_RATE = 0.25  # share of captions that name the colour (and, independently, the shape)
 MIN_SNR_GAMMA = 5.0
-DENOISER_STEPS = 4000
+DENOISER_STEPS = 3000
 CLASSIFIER_STEPS = 1500
 TRAIN_IMAGES_PER_OCCUPATION = 1000
 
@@ -89,7 +91,8 @@ def train_denoiser(
 ) -> None:
     """Train ``unet`` and ``text_encoder`` together, in place, on ``data``; they end holding the EMA weights.
 
-    Batches, captions dropped to ``""`` (``CAPTION_DROPOUT``), timesteps and noise all come from one
+    Batches, captions dropped to ``""`` (``CAPTION_DROPOUT``) or naming the image's classes
+    (``ATTRIBUTE_WORD_RATE`` per attribute), timesteps and noise all come from one
     generator seeded with ``seed``, so two calls with the same data and seed see identical batches
     whatever the UNet's depth.
     """
@@ -102,12 +105,16 @@ def train_denoiser(
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10 + 1), steps)
     ema = EMAModel(parameters, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
-    prompts = np.array(data.prompts, dtype=object)
+    class_names = [attribute.classes for attribute in TOY_SCHEMA.values()]
     for _ in tqdm(range(steps), desc="denoiser", disable=not progress):
         index = torch.randint(len(data.images), (batch_size,), generator=generator)
         images = data.images[index]
         dropped = torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT
-        captions = ["" if d else p for d, p in zip(dropped.tolist(), prompts[index.numpy()])]
+        named = torch.rand(batch_size, len(class_names), generator=generator) < ATTRIBUTE_WORD_RATE
+        captions = []
+        for k, i in enumerate(index.tolist()):
+            words = [names[c] for names, c, on in zip(class_names, data.labels[i].tolist(), named[k].tolist()) if on]
+            captions.append("" if dropped[k] else prompt(data.occupations[i], words))
         noise = torch.randn(images.shape, generator=generator)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(images, noise, timesteps)

@@ -13,7 +13,9 @@ same size covers the same area) and the ``background`` grey level. :func:`estima
 back from any image, so paired images (same seed before and after an adaptor) can be compared.
 
 The bias is known by construction: occupation ``o`` draws ``colour ~ Categorical(COLOUR_SKEW[o])`` and,
-independently, ``shape ~ Categorical(SHAPE_SKEW[o])``. Prompts are ``"a photo of a {occupation}"``.
+independently, ``shape ~ Categorical(SHAPE_SKEW[o])``. Prompts are ``"a photo of a {occupation}"``; in pretraining, a quarter of the captions also name the colour
+and, independently, a quarter the shape (``"a photo of a blue nurse"``), so the text encoder knows
+the words, as Stable Diffusion's knows "female" and "male" although most captions do not say them.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ BASE_COLOURS = torch.tensor([[0.85, -0.75, -0.65], [-0.75, -0.45, 0.85]])  # red
 _SUPERSAMPLE = 4
 
 
-def prompt(occupation: str) -> str:
-    """``"a photo of a {occupation}"``; the article is always "a"."""
-    return PROMPT_TEMPLATE.format(occupation=occupation)
+def prompt(occupation: str, attribute_words: Sequence[str] = ()) -> str:
+    """``"a photo of a {occupation}"``, or with class names before the occupation, as some real captions
+    name a person's gender: ``prompt("nurse", ["red", "round"]) == "a photo of a red round nurse"``.
+    The article is always "a"."""
+    return PROMPT_TEMPLATE.format(occupation=" ".join([*attribute_words, occupation]))
 
 
 def _check_occupations(occupations: Sequence[str]) -> None:
