@@ -19,7 +19,7 @@ def test_train_cli_runs_the_toy_smoke_config(tmp_path):
 
 
 def test_reduced_demo_lowers_colour_bias(tmp_path):
-    settings = DemoSettings(iterations=30, eval_images_per_prompt=32, output_dir=str(tmp_path))
+    settings = DemoSettings(eval_images_per_prompt=24, output_dir=str(tmp_path))
     figures = run_demo(settings, log=lambda *_: None)
     before = figures["before"]["overall"]["groups"]["colour"]["bias"]["estimate"]
     after = figures["after"]["overall"]["groups"]["colour"]["bias"]["estimate"]
@@ -30,3 +30,14 @@ def test_reduced_demo_lowers_colour_bias(tmp_path):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["attributes"]["colour"]["targeted"] and (tmp_path / "chart_colour.png").is_file()
     read_adaptor(tmp_path / "toy_fair_adaptor.safetensors", expected_base="toy")
+
+    # `fair eval` of the base model and of the demo's adaptor gives the demo's figures (same seeds).
+    code = main(["eval", "--model", "toy", "--adaptor", str(tmp_path / "toy_fair_adaptor.safetensors"),
+                 "--prompts", str(tmp_path / "heldout_prompts.txt"), "--classifier", "toy",
+                 "--images-per-prompt", str(settings.eval_images_per_prompt), "--steps", str(settings.eval_steps),
+                 "--seed", str(settings.seed), "--target", settings.target, "--out", str(tmp_path / "eval")])
+    assert code == 0
+    audit = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert audit["summaries"]["base"] == figures["before"]
+    assert audit["summaries"]["toy_fair_adaptor"] == figures["after"]
+    assert audit["changes"]["toy_fair_adaptor"] == figures["change"]

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "e.g. 'colour=red:0.5,blue:0.5;shape=round:0.5,square:0.25,triangle:0.25'")
     parser.add_argument("--iterations", type=int, default=defaults.iterations)
     parser.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--preservation-weight", type=float, default=defaults.preservation_weight,
+                        help="weight of the colour-blind image-preservation loss (0: off)")
     parser.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="report folder (default reports/demo or reports/depth-sweep)")
@@ -28,15 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.mode == "depth-sweep":
-        from fair_core.toyworld.depth_sweep import run_depth_sweep
+        from fair_core.toyworld.depth_sweep import format_depth_sweep, run_depth_sweep
 
-        run_depth_sweep(out_dir=args.out or "reports/depth-sweep", seed=args.seed)
+        out = args.out or "reports/depth-sweep"
+        print(format_depth_sweep(run_depth_sweep(out_dir=out, seed=args.seed)))
+        print(f"[depth-sweep] wrote {out}/depth_sweep.json")
         return 0
     from fair_core.demo import run_demo
 
     settings = DemoSettings(
         target=args.target, iterations=args.iterations, images_per_prompt=args.images_per_prompt,
-        eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
+        learning_rate=args.learning_rate, preservation_weight=args.preservation_weight, eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
     )
     run_demo(settings)
     return 0
