@@ -36,10 +36,10 @@ class DemoSettings:
     target: str = "colour=uniform"
     iterations: int = 40
     images_per_prompt: int = 16
-    learning_rate: float = 4e-3
+    learning_rate: float = 6e-3
     trainable: tuple[str, ...] = ("text_encoder",)
     lora_rank: int = 8
-    preservation_weight: float = 0.25
+    preservation_weight: float = 0.5
     """lambda_img of the toy world's colour-blind preservation loss; 0 turns it off. Measured: 8 and 1
     hold the figures but stop the colour from moving; 0 lets the adaptor draw noise the classifier reads
     as the other colour."""
