@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -155,8 +155,49 @@ def preservation_factors(
     return torch.where(no_face, f1.min(), weight), torch.where(no_face, f2.min(), scale)
 
 
-class ImagePreservationLoss(nn.Module):
-    """``(images, reference, weights, face_boxes, factor2) -> (N,)`` image-semantics loss.
+class PreservationLoss(nn.Module):
+    """``(images, reference, weights, face_boxes, factor2) -> (N,)``: ``w_i * d(x_i, o_i)`` between each
+    current image and the frozen model's image from the same noise.
+
+    Subclasses define the comparison: :meth:`embed` (the reference side, computed once per batch) and
+    :meth:`distance`. This class owns what every preservation loss shares: embedding a raw reference,
+    scaling the gradient inside the face boxes, and the per-image weights.
+    """
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Reference representation of images ``(N, 3, H, W)``: a list of ``(N, D)`` tensors, no gradient."""
+        raise NotImplementedError
+
+    def distance(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-image distance ``(N,)`` of current images (with gradient) to :meth:`embed` output."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        reference: torch.Tensor | Sequence[torch.Tensor],
+        weights: torch.Tensor | None = None,
+        face_boxes: torch.Tensor | None = None,
+        factor2: torch.Tensor | float = 1.0,
+    ) -> torch.Tensor:
+        """Per-image loss ``w_i * d(x_i, o_i)``.
+
+        Args:
+            images: current images ``(N, 3, H, W)`` in [-1, 1] (with gradient).
+            reference: the frozen model's images (same shape) or their :meth:`embed` output.
+            weights: ``w`` ``(N,)``; default 1.
+            face_boxes: ``(N, 4)`` pixels (NaN = none) where the gradient is scaled by ``factor2``.
+            factor2: scalar or ``(N,)``.
+        """
+        targets = self.embed(reference) if isinstance(reference, torch.Tensor) else list(reference)
+        if face_boxes is not None:
+            images = scale_gradient_in_boxes(images, face_boxes, factor2)
+        loss = self.distance(images, targets)
+        return loss if weights is None else loss * weights.to(loss)
+
+
+class ImagePreservationLoss(PreservationLoss):
+    """Image semantics: ``d = sum_e (1 - cos(E_e(x), E_e(o)))`` over frozen encoders.
 
     Args:
         encoders: frozen :class:`ImageEncoder` s (the paper: CLIP ViT-H/14 and DINOv2 ViT-B/14).
@@ -173,40 +214,10 @@ class ImagePreservationLoss(nn.Module):
         """Reference embeddings, one ``(N, D_e)`` per encoder (compute once per batch of originals)."""
         return [encoder(images) for encoder in self.encoders]
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        reference: torch.Tensor | Sequence[torch.Tensor],
-        weights: torch.Tensor | None = None,
-        face_boxes: torch.Tensor | None = None,
-        factor2: torch.Tensor | float = 1.0,
-    ) -> torch.Tensor:
-        """Per-image loss ``w_i * sum_e (1 - cos)``.
-
-        Args:
-            images: current images ``(N, 3, H, W)`` in [-1, 1] (with gradient).
-            reference: the frozen model's images (same shape) or their :meth:`embed` output.
-            weights: ``w`` ``(N,)``; default 1.
-            face_boxes: ``(N, 4)`` pixels (NaN = none) where the gradient is scaled by ``factor2``.
-            factor2: scalar or ``(N,)``.
-        """
-        targets = self.embed(reference) if isinstance(reference, torch.Tensor) else list(reference)
+    def distance(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(targets) != len(self.encoders):
             raise ValueError(f"{len(targets)} reference embeddings for {len(self.encoders)} encoders")
-        if face_boxes is not None:
-            images = scale_gradient_in_boxes(images, face_boxes, factor2)
-        loss = sum(1.0 - (encoder(images) * target.to(images.device)).sum(dim=-1) for encoder, target in zip(self.encoders, targets))
-        return loss if weights is None else loss * weights.to(loss)
-
-
-class PreservationLoss(Protocol):
-    """What the trainer needs of an image-preservation loss (:class:`ImagePreservationLoss`, or the toy
-    world's :class:`~fair_core.toyworld.preservation.ColourBlindPreservationLoss`)."""
-
-    def embed(self, images: torch.Tensor) -> list[torch.Tensor]: ...
-
-    def __call__(self, images: torch.Tensor, reference: Sequence[torch.Tensor], weights: torch.Tensor | None = None,
-                 face_boxes: torch.Tensor | None = None, factor2: torch.Tensor | float = 1.0) -> torch.Tensor: ...
+        return sum(1.0 - (encoder(images) * target.to(images.device)).sum(dim=-1) for encoder, target in zip(self.encoders, targets))
 
 
 def load_preservation_loss(entries: Sequence[str], device: str | torch.device = "cpu") -> PreservationLoss | None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
+
+from fair_core.losses import PreservationLoss
 
 
 def colour_blind_view(images: torch.Tensor) -> torch.Tensor:
@@ -21,26 +22,18 @@ def colour_blind_view(images: torch.Tensor) -> torch.Tensor:
     return images.float().amax(dim=1).flatten(1)
 
 
-class ColourBlindPreservationLoss(nn.Module):
-    """``(images, reference, weights) -> (N,)``: ``w_i * sum_pixels (view(x_i) - view(o_i))**2``.
+class ColourBlindPreservationLoss(PreservationLoss):
+    """``d = sum_pixels (view(x) - view(o))**2`` with :func:`colour_blind_view`.
 
-    The same call as :class:`fair_core.losses.ImagePreservationLoss` (``face_boxes``/``factor2`` are
-    accepted and ignored: a toy scorer has no face boxes). Summed, not averaged, over the pixels so that
-    one changed pixel costs as much in a 16 px image as in a bigger one: a pure colour swap scores 0, a
-    one-pixel shift of a figure a few units, noise in place of a figure over a hundred.
+    Summed, not averaged, over the pixels so that one changed pixel costs as much in a 16 px image as in
+    a bigger one: a pure colour swap scores 0, a one-pixel shift of a figure a few units, noise in place
+    of a figure over a hundred. Weights and face boxes work as in every
+    :class:`~fair_core.losses.PreservationLoss` (toy scorers give no boxes).
     """
 
     def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [colour_blind_view(images).detach()]
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        reference: torch.Tensor | Sequence[torch.Tensor],
-        weights: torch.Tensor | None = None,
-        face_boxes: torch.Tensor | None = None,
-        factor2: torch.Tensor | float = 1.0,
-    ) -> torch.Tensor:
-        (target,) = self.embed(reference) if isinstance(reference, torch.Tensor) else list(reference)
-        loss = (colour_blind_view(images) - target.to(images.device)).pow(2).sum(dim=1)
-        return loss if weights is None else loss * weights.to(loss)
+    def distance(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        (target,) = targets
+        return (colour_blind_view(images) - target.to(images.device)).pow(2).sum(dim=1)
