@@ -81,13 +81,11 @@ def check_cache_settings(cache_path: Path, fingerprint: dict) -> None:
         settings_path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def thumbnail_saver(folder: Path, prompts: Sequence[str], count: int) -> ImageCallback:
+def thumbnail_saver(folder: Path, count: int) -> ImageCallback:
     """An ``on_images`` callback writing images ``j < count`` as ``folder/<prompt slug>/<j>.png`` (at most
     :data:`THUMBNAIL_SIZE` px) for :func:`write_paired_grids`."""
     from fair_core.plots import to_uint8
     from PIL import Image
-
-    slugs = {p: prompt_slug(p) for p in prompts}
 
     def save(batch_prompts: Sequence[str], indices: Sequence[int], images: torch.Tensor) -> None:
         tiles = to_uint8(images)
@@ -95,7 +93,7 @@ def thumbnail_saver(folder: Path, prompts: Sequence[str], count: int) -> ImageCa
             if index < count:
                 picture = Image.fromarray(tile)
                 picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                path = folder / slugs.get(prompt, prompt_slug(prompt)) / f"{index}.png"
+                path = folder / prompt_slug(prompt) / f"{index}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 picture.save(path)
 
@@ -168,7 +166,6 @@ def generate_and_score(parts: DiffusionParts, scorer: AttributeScorer, prompts: 
     return [done[job] for job in jobs]
 
 
-
 @dataclass
 class FolderReport:
     """What :func:`score_image_folder` did besides scoring: files it converted, resized or could not read."""
@@ -213,41 +210,45 @@ def score_image_folder(folder: str | Path, scorer: AttributeScorer, input_size: 
     classifier's fixed size) other sizes are resized; files PIL cannot read are skipped. All three are
     listed in the :class:`FolderReport`, never raised.
     """
-    from PIL import Image, UnidentifiedImageError
-
     report = FolderReport([], [], [])
-    loaded: list[tuple[str, int, str, torch.Tensor]] = []
-    for prompt, files in read_image_folder(folder).items():
-        for index, path in enumerate(files):
-            shown = f"{path.parent.name}/{path.name}"
-            try:
-                with Image.open(path) as picture:
-                    picture.load()
-                    if picture.mode != "RGB":
-                        report.converted.append(shown)
-                        picture = _to_rgb(picture)
-                    if input_size is not None and picture.size != (input_size, input_size):
-                        report.resized.append(shown)
-                        picture = picture.resize((input_size, input_size), Image.Resampling.BICUBIC)
-                    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
-            except (OSError, UnidentifiedImageError, ValueError):
-                report.unreadable.append(shown)
-                continue
-            loaded.append((prompt, index, path.name, pixels))
+    files = [(prompt, index, path) for prompt, paths in read_image_folder(folder).items() for index, path in enumerate(paths)]
     records = []
-    # Batches of equal-sized images only (faces may be scored at any size).
-    for start in range(0, len(loaded), batch_size):
-        chunk = loaded[start : start + batch_size]
-        for shape in dict.fromkeys(tuple(item[3].shape) for item in chunk):
-            same = [item for item in chunk if tuple(item[3].shape) == shape]
+    # Read one batch of files at a time (a folder of SD images does not fit in memory at once); score
+    # equal-sized images together (faces may be scored at any size).
+    for start in range(0, len(files), batch_size):
+        loaded = [(prompt, index, path.name, pixels) for prompt, index, path in files[start : start + batch_size]
+                  if (pixels := _read_image(path, input_size, report)) is not None]
+        for shape in dict.fromkeys(tuple(item[3].shape) for item in loaded):
+            same = [item for item in loaded if tuple(item[3].shape) == shape]
             images = torch.stack([item[3] for item in same])
             prompts, indices = [i[0] for i in same], [i[1] for i in same]
             if on_images is not None:
                 on_images(prompts, indices, images)
             for record, item in zip(score_records(scorer, images.to(device), prompts, indices, [None] * len(same)), same):
                 records.append({**record, "file": item[2]})
-    order = {p: i for i, p in enumerate(dict.fromkeys(item[0] for item in loaded))}
+    order = {p: i for i, p in enumerate(dict.fromkeys(prompt for prompt, _, _ in files))}
     return sorted(records, key=lambda r: (order[r["prompt"]], r["index"])), report
+
+
+def _read_image(path: Path, input_size: int | None, report: FolderReport) -> torch.Tensor | None:
+    """``(3, H, W)`` in [-1, 1], converted / resized as :func:`score_image_folder` says, or None if unreadable;
+    what was done is added to ``report``."""
+    from PIL import Image, UnidentifiedImageError
+
+    shown = f"{path.parent.name}/{path.name}"
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            if picture.mode != "RGB":
+                report.converted.append(shown)
+                picture = _to_rgb(picture)
+            if input_size is not None and picture.size != (input_size, input_size):
+                report.resized.append(shown)
+                picture = picture.resize((input_size, input_size), Image.Resampling.BICUBIC)
+            return torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+    except (OSError, UnidentifiedImageError, ValueError):
+        report.unreadable.append(shown)
+        return None
 
 
 def _to_rgb(picture):

@@ -113,13 +113,13 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"two variants named {name!r}: rename one adaptor file")
             cache = out / "cache" / f"{name}.jsonl"
             check_cache_settings(cache, settings.fingerprint(identity))
-            saver = thumbnail_saver(out / "images" / name, prompts, settings.grid_images)
+            saver = thumbnail_saver(out / "images" / name, settings.grid_images)
             variants[name] = generate_and_score(parts, scorer, prompts, settings, cache, soft_prompt, saver, f"eval {name}")
     for folder in args.images:
         name = Path(folder).resolve().name
         if name in variants:
             raise ValueError(f"two variants named {name!r}: rename one image folder")
-        saver = thumbnail_saver(out / "images" / name, [], settings.grid_images)
+        saver = thumbnail_saver(out / "images" / name, settings.grid_images)
         records, report = score_image_folder(folder, scorer, input_size, args.batch_size, args.device, saver)
         for line in report.lines():
             print(f"[eval] {name}: {line}")
