@@ -48,6 +48,14 @@ class TrainConfig:
     DINOv2 ViT-B/14); ``toy``: the toy world's colour-blind view. Empty: off (one sampling pass cheaper)."""
     preservation_weight: float = 8.0
     """lambda_img, the weight of the preservation loss against the alignment loss (the paper's 8)."""
+    keep: list[str] = field(default_factory=list)
+    """Classifier attributes outside the target that the adaptor should leave as the frozen model draws
+    them, image by image: cross-entropy of the current image's prediction to the class the classifier
+    gives the frozen model's image from the same noise (where that image has a face and a confident
+    prediction). E.g. ``[race, age]`` while balancing gender. Not in the paper (it balances the joint
+    distribution instead); empty: off."""
+    keep_weight: float = 1.0
+    """Weight of the ``keep`` cross-entropy against the alignment loss."""
 
     # --- prompts -----------------------------------------------------------------------------------
     train_prompts: str = "occupations-train"
@@ -119,6 +127,12 @@ class TrainConfig:
             raise ValueError(f"preservation: entries are 'toy', 'clip:DIR' or 'dino:DIR', got {bad}")
         if not self.preservation_weight >= 0:
             raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}")
+        if isinstance(self.keep, str):
+            self.keep = [self.keep]
+        if not all(isinstance(name, str) and name for name in self.keep):
+            raise ValueError(f"keep: a list of attribute names, got {self.keep}")
+        if not self.keep_weight >= 0:
+            raise ValueError(f"keep_weight must be >= 0, got {self.keep_weight}")
         for name in ("images_per_prompt", "micro_batch", "iterations", "lora_rank", "num_tokens",
                      "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
             if int(getattr(self, name)) < 1:

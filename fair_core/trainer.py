@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fair_core.alignment import assign_targets, dal_loss
+from fair_core.alignment import NO_TARGET, assign_targets, dal_loss
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import adjusted_backward
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
@@ -42,7 +42,7 @@ from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
 from fair_core.sampling import decode_latents, generate_images, latent_shape, seeded_noise
 from fair_core.scoring import AttributeScorer
-from fair_core.targets import TargetDistribution
+from fair_core.targets import Attribute, TargetDistribution
 from fair_core.train_config import TrainConfig
 from fair_core.trainable import SoftPrompt, adapters_disabled, add_text_encoder_lora, add_unet_lora
 from fair_core.plots import save_image_grid
@@ -63,20 +63,24 @@ class TrainState:
 
 @dataclass
 class PreservationReference:
-    """The frozen model's images of one iteration, as the preservation loss needs them (local images).
+    """The frozen model's images of one iteration, as the preservation and keep losses need them (local images).
 
     Attributes:
-        embedding: ``PreservationLoss.embed`` of the images, one ``(n, D_e)`` tensor per encoder.
+        embedding: ``PreservationLoss.embed`` of the images, one ``(n, D_e)`` tensor per encoder (empty
+            without a preservation loss).
         labels: ``(n, A)`` the classifier's class of each image for the target attributes.
+        keep_labels: ``(n, K)`` its class for the ``keep`` attributes, -1 where the image has no face or
+            the prediction is below the confidence threshold.
         boxes: ``(n, 4)`` face boxes (NaN = none), or None for whole-image scorers.
     """
 
     embedding: list[torch.Tensor]
     labels: torch.Tensor
+    keep_labels: torch.Tensor
     boxes: torch.Tensor | None
 
     def __getitem__(self, rows: slice) -> "PreservationReference":
-        return PreservationReference([e[rows] for e in self.embedding], self.labels[rows],
+        return PreservationReference([e[rows] for e in self.embedding], self.labels[rows], self.keep_labels[rows],
                                      None if self.boxes is None else self.boxes[rows])
 
 
@@ -122,7 +126,8 @@ class FairTrainer:
         if config.images_per_prompt % world:
             raise ValueError(f"images_per_prompt={config.images_per_prompt} must be divisible by the {world} processes")
         self.local_count = config.images_per_prompt // world
-        self.attribute_index = _attribute_positions(scorer, target)
+        self.attribute_index = _attribute_positions(scorer, target.attributes)
+        self.keep_index = _keep_positions(scorer, target, config.keep)
         self.output_dir = Path(config.output_dir)
         self.device = self.accelerator.device
         self.soft_prompt: SoftPrompt | None = None
@@ -182,7 +187,8 @@ class FairTrainer:
         return slice(start, start + self.local_count)
 
     def _score(self, images: torch.Tensor):
-        """Logits of the target attributes (list of ``(n, K_a)``) and the full :class:`AttributeScores`."""
+        """Logits of the target attributes (list of ``(n, K_a)``) and the full :class:`AttributeScores`
+        (whose ``logits`` hold every attribute of the classifier, the ``keep`` ones included)."""
         scores = self.scorer(images)
         return [scores.logits[i] for i in self.attribute_index], scores
 
@@ -212,7 +218,13 @@ class FairTrainer:
             images = self._sample_images(prompt, noise, steps, soft_prompt=None)
         logits, scores = self._score(images)
         labels = torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
-        return PreservationReference(self.preservation.embed(images), labels, scores.boxes)
+        keep_labels = torch.full((images.shape[0], len(self.keep_index)), NO_TARGET, dtype=torch.long, device=images.device)
+        for column, index in enumerate(self.keep_index):
+            confidence, predicted = torch.softmax(scores.logits[index].float(), dim=-1).max(dim=-1)
+            sure = scores.has_face.to(images.device) & (confidence >= self.config.confidence_threshold)
+            keep_labels[:, column] = torch.where(sure, predicted, keep_labels[:, column])
+        embedding = self.preservation.embed(images) if self.preservation is not None else []
+        return PreservationReference(embedding, labels, keep_labels, scores.boxes)
 
     def _sample_images(self, prompt: str, noise: torch.Tensor, steps: int, soft_prompt: SoftPrompt | None) -> torch.Tensor:
         from fair_core.dft import sample
@@ -247,7 +259,11 @@ class FairTrainer:
                 has_face = scores.has_face
                 kept = torch.where(has_face[:, None], chunk_labels, torch.full_like(chunk_labels, -1))
                 per_image = dal_loss(logits, kept)
-                if chunk_reference is not None:
+                if self.keep_index:
+                    keep_labels = torch.where(has_face[:, None], chunk_reference.keep_labels, NO_TARGET)
+                    per_image = per_image + self.config.keep_weight * dal_loss(
+                        [scores.logits[i] for i in self.keep_index], keep_labels)
+                if self.preservation is not None:
                     weights, factor2 = preservation_factors(chunk_labels, chunk_reference.labels, has_face, names)
                     boxes = None
                     if scores.boxes is not None and chunk_reference.boxes is not None:
@@ -270,7 +286,8 @@ class FairTrainer:
         prompt, steps, seeds = self.iteration_plan(iteration)
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
         labels, no_face = self._targets(prompt, noise, steps, iteration)
-        reference = self._reference(prompt, noise, steps) if self.preservation is not None else None
+        needs_reference = self.preservation is not None or bool(self.keep_index)
+        reference = self._reference(prompt, noise, steps) if needs_reference else None
         self.optimizer.zero_grad(set_to_none=False)
         loss = self._gradient_pass(prompt, noise, steps, labels, reference)
         loss = float(self.accelerator.reduce(torch.tensor([loss], device=self.device), reduction="sum").item())
@@ -449,10 +466,11 @@ def latest_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and ".tmp" not in p.name)
 
 
-def _attribute_positions(scorer: AttributeScorer, target: TargetDistribution) -> list[int]:
+def _attribute_positions(scorer: AttributeScorer, attributes: Sequence[Attribute]) -> list[int]:
+    """Index of each attribute in the classifier's output; error if it is missing or its classes differ."""
     names = [a.name for a in scorer.attributes]
     positions = []
-    for attribute in target.attributes:
+    for attribute in attributes:
         if attribute.name not in names:
             raise ValueError(f"the classifier has no attribute {attribute.name!r} (it has: {', '.join(names)})")
         theirs = scorer.attributes[names.index(attribute.name)]
@@ -460,6 +478,18 @@ def _attribute_positions(scorer: AttributeScorer, target: TargetDistribution) ->
             raise ValueError(f"attribute {attribute.name!r}: target classes {list(attribute.classes)} differ from the classifier's {list(theirs.classes)}")
         positions.append(names.index(attribute.name))
     return positions
+
+
+def _keep_positions(scorer: AttributeScorer, target: TargetDistribution, keep: Sequence[str]) -> list[int]:
+    """Classifier indices of the ``keep`` attributes, which must be the classifier's and outside the target."""
+    targeted = [name for name in keep if name in target.names]
+    if targeted:
+        raise ValueError(f"keep: {targeted} also in the target; an attribute is either balanced or kept")
+    by_name = {a.name: a for a in scorer.attributes}
+    missing = [name for name in keep if name not in by_name]
+    if missing:
+        raise ValueError(f"keep: the classifier has no attribute {missing} (it has: {', '.join(by_name)})")
+    return _attribute_positions(scorer, [by_name[name] for name in keep])
 
 
 def _headline(summary: dict | None) -> str:

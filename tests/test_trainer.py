@@ -123,6 +123,50 @@ def test_preservation_compares_with_the_frozen_model_from_the_same_noise(tmp_pat
     assert not torch.allclose(trained, expected, atol=1e-4), "the adapters must be back on after the reference pass"
 
 
+def test_keep_labels_are_the_frozen_models_confident_classes(tmp_path):
+    from fair_core.sampling import latent_shape, seeded_noise
+
+    trainer = make_trainer(str(tmp_path / "a"), 2, attributes=("gender", "age"), keep=["age"])
+    trainer.fit()
+    prompt, steps, seeds = trainer.iteration_plan(0)
+    noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
+    frozen = make_trainer(str(tmp_path / "b"), 1, attributes=("gender", "age"))
+    age_probs = torch.softmax(frozen.scorer(frozen._sample_images(prompt, noise, steps, None)).logits[1], dim=-1)
+    trainer.config.confidence_threshold = float(age_probs.max(dim=-1).values.median())  # some sure, some not
+    confidence, predicted = age_probs.max(dim=-1)
+    expected = torch.where(confidence >= trainer.config.confidence_threshold, predicted, -1)
+    keep_labels = trainer._reference(prompt, noise, steps).keep_labels
+    assert keep_labels.shape == (4, 1)
+    assert torch.equal(keep_labels[:, 0], expected)
+    assert 0 < int((expected >= 0).sum()) < 4
+
+
+def test_keep_term_alone_trains_and_its_weight_scales_it(tmp_path):
+    """With no alignment target and no preservation, only the keep cross-entropy makes a gradient."""
+    from fair_core.sampling import latent_shape, seeded_noise
+
+    gradients = {}
+    for weight in (0.0, 1.0, 2.0):
+        trainer = make_trainer(str(tmp_path / str(weight)), 1, attributes=("gender", "age"), keep=["age"],
+                               keep_weight=weight, confidence_threshold=0.5)
+        prompt, steps, seeds = trainer.iteration_plan(0)
+        noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
+        reference = trainer._reference(prompt, noise, steps)
+        trainer.optimizer.zero_grad(set_to_none=False)
+        no_alignment = torch.full((4, 1), -1, dtype=torch.long)
+        trainer._gradient_pass(prompt, noise, steps, no_alignment, reference)
+        gradients[weight] = torch.cat([p.grad.flatten() for p in trainer.parameters])
+    assert float(gradients[0.0].abs().max()) == 0.0
+    assert float(gradients[1.0].abs().max()) > 0.0
+    assert torch.allclose(gradients[2.0], 2 * gradients[1.0], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(("keep", "message"), [(["gender"], "also in the target"), (["race"], "has no attribute")])
+def test_keep_errors_name_the_attribute(tmp_path, keep, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(str(tmp_path), 1, keep=keep)
+
+
 def test_exported_metadata_records_run(tmp_path):
     trainer = make_trainer(str(tmp_path), 1)
     result = trainer.fit()
@@ -141,6 +185,8 @@ def test_exported_metadata_records_run(tmp_path):
         ({"images_per_prompt": 0}, "images_per_prompt"),
         ({"preservation": ["clip"]}, "preservation"),
         ({"preservation_weight": -1.0}, "preservation_weight"),
+        ({"keep_weight": -1.0}, "keep_weight"),
+        ({"keep": [""]}, "keep"),
     ],
 )
 def test_config_errors_name_the_field(values, message):

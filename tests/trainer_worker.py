@@ -20,17 +20,18 @@ from fair_core.train_config import TrainConfig  # noqa: E402
 from fair_core.trainer import FairTrainer  # noqa: E402
 
 
-def tiny_classifier() -> torch.nn.Module:
-    """A fixed random conv net: 32 px RGB -> 2 gender logits."""
+def tiny_classifier(outputs: int = 2) -> torch.nn.Module:
+    """A fixed random conv net: 32 px RGB -> ``outputs`` logits (2: gender)."""
     torch.manual_seed(1)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(8, 2),
+        torch.nn.Linear(8, outputs),
     )
     return net.requires_grad_(False)
 
 
-def make_trainer(output_dir: str, iterations: int, **overrides) -> FairTrainer:
+def make_trainer(output_dir: str, iterations: int, attributes: tuple[str, ...] = ("gender",), **overrides) -> FairTrainer:
+    """A trainer on tiny SD1.5 parts, gender=uniform target; the classifier scores ``attributes``."""
     torch.set_num_threads(1)
     config = TrainConfig(
         model="tiny", trainable=["text_encoder", "unet"], lora_rank=4, lora_alpha=4, images_per_prompt=4,
@@ -39,7 +40,8 @@ def make_trainer(output_dir: str, iterations: int, **overrides) -> FairTrainer:
         **overrides,
     )
     parts = DiffusionParts(**vars(tiny_sd15()), base="sd15")
-    scorer = WholeImageScorer(tiny_classifier(), [DEFAULT_SCHEMA["gender"]])
+    schema = [DEFAULT_SCHEMA[name] for name in attributes]
+    scorer = WholeImageScorer(tiny_classifier(sum(len(a.classes) for a in schema)), schema)
     prompts = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot"]
     return FairTrainer(config, parts, scorer, TargetDistribution.parse("gender=uniform"), prompts)
 
