@@ -28,7 +28,7 @@ from fair_core.toyworld import (
 )
 from fair_core.toyworld.checkpoint import load_classifier, load_unet, save_classifier
 from fair_core.toyworld.depth_sweep import _minority_share_ratio, _paired_flips, format_depth_sweep, run_depth_sweep
-from fair_core.toyworld.pretrain import predict
+from fair_core.toyworld.pretrain import draw_batch, named_world, predict
 
 torch.set_num_threads(1)
 
@@ -56,6 +56,33 @@ def test_sample_world_is_deterministic_and_follows_the_skew():
     red_share = [(a.labels[i * 400 : (i + 1) * 400, 0] == 0).float().mean().item() for i in range(2)]
     # Binomial standard error at n=400 is about 0.012: allow 4 of them.
     assert abs(red_share[0] - 0.95) < 0.05 and abs(red_share[1] - 0.06) < 0.05
+
+
+def test_balanced_attributes_are_uniform_and_the_rest_keeps_the_skew():
+    data = sample_world(["pilot"], 2000, seed=5, balanced=["colour"])
+    shares = [np.bincount(data.labels[:, i].numpy(), minlength=k) / 2000 for i, k in ((0, 2), (1, 3))]
+    # Binomial standard error at n=2000 is at most 0.011: allow 4 of them.
+    assert np.allclose(shares[0], [0.5, 0.5], atol=0.045)
+    assert np.allclose(shares[1], OCCUPATION_SKEWS["pilot"][1], atol=0.045)
+    both = sample_world(["pilot"], 2000, seed=5, balanced=["colour", "shape"])
+    assert np.allclose(np.bincount(both.labels[:, 1].numpy(), minlength=3) / 2000, [1 / 3] * 3, atol=0.045)
+    with pytest.raises(ValueError, match="balanced"):
+        sample_world(["pilot"], 2, seed=0, balanced="colour")
+
+
+def test_captions_that_name_a_colour_show_it_balanced_on_the_occupations_shapes():
+    data = sample_world(["pilot"], 500, seed=0)
+    images, captions = draw_batch(data, 4000, torch.Generator().manual_seed(0), named_world(["pilot"], 500, seed=0))
+    colour = images[:, 2, 8, 8] > images[:, 0, 8, 8]  # centre pixel bluer than red: a blue figure
+    named = np.array([c in ("a photo of a red pilot", "a photo of a blue pilot") for c in captions])
+    bare = np.array([c == "a photo of a pilot" for c in captions])
+    # 0.9 kept x 0.25 colour x 0.75 no shape = 16.9% name only the colour; 0.9 x 0.75 x 0.75 = 50.6% nothing
+    assert 600 < named.sum() < 760 and 1900 < bare.sum() < 2150
+    assert abs(colour.numpy()[named].mean() - 0.5) < 0.06 and colour.numpy()[bare].mean() < 0.1
+    says_blue = np.array(["blue" in c for c in captions])
+    assert np.array_equal(colour.numpy()[says_blue], np.ones(says_blue.sum(), dtype=bool))
+    _, old_style = draw_batch(data, 4000, torch.Generator().manual_seed(0))  # without named_data: skewed
+    assert sum("blue pilot" in c for c in old_style) < 0.1 * sum(("red pilot" in c) for c in old_style)
 
 
 def test_content_is_independent_of_occupation_and_labels():
@@ -154,6 +181,17 @@ def test_shipped_model_reproduces_the_skew(world):
     # The classifier agrees with a pixel rule on the generated figures.
     rule = (_red_minus_blue(images) < 0).long()
     assert (rule == colour).float().mean() >= 0.9
+
+
+def test_shipped_model_composes_colour_words_with_the_occupation(world):
+    """"a photo of a blue firefighter" is blue and keeps the firefighter's shape: the colour word is not a
+    stand-in for the (mostly round) blue occupations, so a fair adaptor can change colour alone."""
+    seeds = list(range(8))
+    for occupation, other_colour in (("firefighter", "blue"), ("librarian", "red")):
+        bare = predict(world.eval_scorer.classifier, world.generate([world.prompt(occupation)] * 8, seeds))
+        named = predict(world.eval_scorer.classifier, world.generate([prompt(occupation, [other_colour])] * 8, seeds))
+        assert (named[:, 0] != bare[:, 0]).float().mean() >= 0.9
+        assert (named[:, 1] == bare[:, 1]).float().mean() >= 0.9
 
 
 def test_guidance_one_shortcut_equals_the_guided_formula(world):

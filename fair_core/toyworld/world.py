@@ -13,9 +13,12 @@ same size covers the same area) and the ``background`` grey level. :func:`estima
 back from any image, so paired images (same seed before and after an adaptor) can be compared.
 
 The bias is known by construction: occupation ``o`` draws ``colour ~ Categorical(COLOUR_SKEW[o])`` and,
-independently, ``shape ~ Categorical(SHAPE_SKEW[o])``. Prompts are ``"a photo of a {occupation}"``; in pretraining, a quarter of the captions also name the colour
-and, independently, a quarter the shape (``"a photo of a blue nurse"``), so the text encoder knows
-the words, as Stable Diffusion's knows "female" and "male" although most captions do not say them.
+independently, ``shape ~ Categorical(SHAPE_SKEW[o])``. Prompts are ``"a photo of a {occupation}"``. In
+pretraining, a quarter of the captions also name the colour and, independently, a quarter the shape
+(``"a photo of a blue nurse"``), so the text encoder knows the words, as Stable Diffusion's knows
+"female" and "male" although most captions do not say them; an image whose caption names an attribute
+has that attribute balanced (``sample_world(..., balanced=...)``), as photos captioned "female
+firefighter" show women who otherwise look like firefighters.
 """
 
 from __future__ import annotations
@@ -158,22 +161,28 @@ class WorldSample:
         return [prompt(o) for o in self.occupations]
 
 
-def sample_world(occupations: Sequence[str], n: int, seed: int) -> WorldSample:
+def sample_world(occupations: Sequence[str], n: int, seed: int, balanced: Sequence[str] = ()) -> WorldSample:
     """Draw ``n`` images of each occupation (occupation-major order), deterministically from ``seed``.
 
-    Labels follow :data:`OCCUPATION_SKEWS`; position, size, background and colour jitter are uniform and
-    independent of the occupation and the labels.
+    Labels follow :data:`OCCUPATION_SKEWS`, except the attributes named in ``balanced``, which are drawn
+    uniformly (the images a caption such as "a photo of a blue firefighter" describes: blue, and otherwise
+    a typical firefighter). Position, size, background and colour jitter are uniform and independent of
+    the occupation and the labels.
     """
     _check_occupations(occupations)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    unknown = [name for name in balanced if name not in TOY_SCHEMA]
+    if isinstance(balanced, str) or unknown:
+        raise ValueError(f"balanced: a list of toy attributes ({', '.join(TOY_SCHEMA)}), got {balanced!r}")
     generator = torch.Generator().manual_seed(int(seed))
-    colour_probs = torch.tensor([OCCUPATION_SKEWS[o][0] for o in occupations]).repeat_interleave(n, dim=0)
-    shape_probs = torch.tensor([OCCUPATION_SKEWS[o][1] for o in occupations]).repeat_interleave(n, dim=0)
-    labels = torch.stack(
-        [torch.multinomial(colour_probs, 1, generator=generator)[:, 0],
-         torch.multinomial(shape_probs, 1, generator=generator)[:, 0]], dim=1,
-    )
+    labels = []
+    for index, name in enumerate(TOY_SCHEMA):
+        probs = torch.tensor([OCCUPATION_SKEWS[o][index] for o in occupations]).repeat_interleave(n, dim=0)
+        if name in balanced:
+            probs = torch.ones_like(probs)
+        labels.append(torch.multinomial(probs, 1, generator=generator)[:, 0])
+    labels = torch.stack(labels, dim=1)
     total = len(occupations) * n
     low, high = torch.tensor([X_RANGE, Y_RANGE, SIZE_RANGE, BACKGROUND_RANGE]).T
     params = low + (high - low) * torch.rand(total, 4, generator=generator)
