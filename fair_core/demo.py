@@ -35,22 +35,44 @@ class DemoSettings:
 
     target: str = "colour=uniform"
     iterations: int = 40
-    images_per_prompt: int = 16
-    learning_rate: float = 6e-3
+    images_per_prompt: int = 24
+    learning_rate: float = 2e-2
     trainable: tuple[str, ...] = ("text_encoder",)
     lora_rank: int = 8
-    preservation_weight: float = 0.5
-    """lambda_img of the toy world's colour-blind preservation loss; 0 turns it off. Measured: 8 and 1
-    hold the figures but stop the colour from moving; 0 lets the adaptor draw noise the classifier reads
-    as the other colour."""
-    eval_images_per_prompt: int = 32
+    preservation_weight: float = 0.0
+    """lambda_img of the toy world's colour-blind preservation loss; 0 turns it off. Measured with keep
+    weight 2-3: 0.25-0.5 holds the shapes better but the colour moves less (README)."""
+    keep: tuple[str, ...] | None = None
+    """Attributes to keep as the frozen model draws them (trainer ``keep``); None: every toy attribute
+    outside the target (the shape, for a colour-only target)."""
+    keep_weight: float = 1.0
+    guidance_scale: float = 1.0
+    """Classifier-free guidance for training and evaluation alike. At 1 the toy model reproduces its
+    training skew; at SD's 7.5 it draws every image of an occupation in one colour and one shape, and
+    40 iterations of the adaptor barely move it (measured: 1.00 -> 0.96)."""
+    eval_images_per_prompt: int = 64
+    """64 paired images per held-out occupation: a perfectly fair model still measures a bias of about
+    0.1 from sampling noise at 64 (0.14 at 32)."""
     eval_steps: int = 20
+    eval_batch_size: int = 64
     seed: int = 0
     output_dir: str = "reports/demo"
 
     def eval_settings(self) -> EvalSettings:
         """The before/after evaluation, as ``fair eval`` runs it with its default batch size."""
-        return EvalSettings(images_per_prompt=self.eval_images_per_prompt, num_steps=self.eval_steps, seed=self.seed)
+        return EvalSettings(images_per_prompt=self.eval_images_per_prompt, num_steps=self.eval_steps, seed=self.seed,
+                            guidance_scale=self.guidance_scale,
+                            batch_size=self.eval_batch_size)
+
+    def keep_attributes(self) -> list[str]:
+        from fair_core.toyworld.world import TOY_SCHEMA
+
+        if self.keep_weight == 0:
+            return []
+        if self.keep is not None:
+            return list(self.keep)
+        targeted = TargetDistribution.parse(self.target, TOY_SCHEMA).names
+        return [name for name in TOY_SCHEMA if name not in targeted]
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -62,6 +84,7 @@ class DemoSettings:
             val_steps=10, val_max_prompts=2, output_dir=str(Path(self.output_dir) / "training"),
             output_name="toy_fair_adaptor", log_with=None, device="cpu", seed=self.seed,
             preservation=["toy"] if self.preservation_weight > 0 else [], preservation_weight=self.preservation_weight,
+            keep=self.keep_attributes(), keep_weight=self.keep_weight, guidance_scale=self.guidance_scale,
         )
 
 
@@ -77,13 +100,13 @@ def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: 
     return records, {p: torch.stack(v) for p, v in images.items()}
 
 
-def _mean_shares(records: Sequence[dict], name: str, classes: int) -> np.ndarray:
-    """Class shares of attribute ``name`` among images with a face, averaged over prompts."""
+def _prompt_shares(records: Sequence[dict], name: str, classes: int) -> dict[str, np.ndarray]:
+    """Class shares ``(classes,)`` of attribute ``name`` among each prompt's images with a face."""
     by_prompt: dict[str, list[int]] = {}
     for r in records:
         if r["has_face"]:
             by_prompt.setdefault(r["prompt"], []).append(int(np.argmax(r["probs"][name])))
-    return np.mean([np.bincount(v, minlength=classes) / len(v) for v in by_prompt.values()], axis=0)
+    return {p: np.bincount(v, minlength=classes) / len(v) for p, v in by_prompt.items()}
 
 
 def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
@@ -133,10 +156,13 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     figures: dict[str, Any] = {"target": target.to_json(), "attributes": {}}
     for attribute in world.schema.values():
         classes = len(attribute.classes)
-        shares_before = _mean_shares(before_records, attribute.name, classes)
-        shares_after = _mean_shares(after_records, attribute.name, classes)
-        entry = {"classes": list(attribute.classes), "before": shares_before.tolist(), "after": shares_after.tolist(),
-                 "moved_tv": float(total_variation(shares_before, shares_after)), "targeted": attribute.name in target.names}
+        shares_before = _prompt_shares(before_records, attribute.name, classes)
+        shares_after = _prompt_shares(after_records, attribute.name, classes)
+        moved = [float(total_variation(shares_before[p], shares_after[p])) for p in prompts]
+        entry = {"classes": list(attribute.classes), "targeted": attribute.name in target.names,
+                 "before": np.mean([shares_before[p] for p in prompts], axis=0).tolist(),
+                 "after": np.mean([shares_after[p] for p in prompts], axis=0).tolist(),
+                 "moved_tv_per_prompt": dict(zip(prompts, moved)), "moved_tv": float(np.mean(moved))}
         if attribute.name in target.names:
             entry["target"] = target.marginal(attribute.name).tolist()
             entry["distance_after_tv"] = after["overall"]["groups"][attribute.name]["distance"]["estimate"]  # mean over prompts
@@ -162,7 +188,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     log(f"[demo] report: {out}/ (summary.json, chart_*.png, grid_*_before/after.png, {adaptor_path.name})")
     log(f"[demo] same figures from `fair eval`: fair eval --model toy --adaptor {adaptor_path} --prompts "
         f"{out / 'heldout_prompts.txt'} --classifier toy --images-per-prompt {settings.eval_images_per_prompt} "
-        f"--steps {settings.eval_steps} --seed {settings.seed} --target '{settings.target}' --out {out / 'eval'}")
+        f"--steps {settings.eval_steps} --guidance {settings.guidance_scale} --batch-size {settings.eval_batch_size} --seed {settings.seed} --target '{settings.target}' --out {out / 'eval'}")
     return figures
 
 
@@ -174,7 +200,7 @@ def _headline(figures: dict, target_names: Sequence[str]) -> str:
                      f"[{a['low']:.3f}, {a['high']:.3f}]   change {c['estimate']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
     for name, entry in figures["attributes"].items():
         if not entry["targeted"]:
-            lines.append(f"  {name} (not targeted): distribution moved by TV {entry['moved_tv']:.3f}")
+            lines.append(f"  {name} (not targeted): distribution moved by TV {entry['moved_tv']:.3f} (mean over prompts)")
         else:
             lines.append(f"  {name}: distance to target after (TV) {entry['distance_after_tv']:.3f}")
     content = figures["content_change"]

@@ -34,7 +34,7 @@ def test_reduced_demo_lowers_colour_bias(tmp_path):
     # `fair eval` of the base model and of the demo's adaptor gives the demo's figures (same seeds).
     code = main(["eval", "--model", "toy", "--adaptor", str(tmp_path / "toy_fair_adaptor.safetensors"),
                  "--prompts", str(tmp_path / "heldout_prompts.txt"), "--classifier", "toy",
-                 "--images-per-prompt", str(settings.eval_images_per_prompt), "--steps", str(settings.eval_steps),
+                 "--images-per-prompt", str(settings.eval_images_per_prompt), "--steps", str(settings.eval_steps), "--guidance", str(settings.guidance_scale), "--batch-size", str(settings.eval_batch_size),
                  "--seed", str(settings.seed), "--target", settings.target, "--out", str(tmp_path / "eval")])
     assert code == 0
     audit = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -23,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--preservation-weight", type=float, default=defaults.preservation_weight,
                         help="weight of the colour-blind image-preservation loss (0: off)")
+    parser.add_argument("--keep-weight", type=float, default=defaults.keep_weight,
+                        help="weight of the loss that keeps each image's untargeted attributes (the shape, for a "
+                             "colour-only target) as the base model drew them (0: off)")
+    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale,
+                        help="classifier-free guidance scale for training and evaluation")
     parser.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="report folder (default reports/demo or reports/depth-sweep)")
@@ -41,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(
         target=args.target, iterations=args.iterations, images_per_prompt=args.images_per_prompt,
-        learning_rate=args.learning_rate, preservation_weight=args.preservation_weight, eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
+        learning_rate=args.learning_rate, preservation_weight=args.preservation_weight, keep_weight=args.keep_weight, guidance_scale=args.guidance,
+        eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
     )
     run_demo(settings)
     return 0
