@@ -60,7 +60,7 @@ class DemoSettings:
     output_dir: str = "reports/demo"
 
     def eval_settings(self) -> EvalSettings:
-        """The before/after evaluation, as ``fair eval`` runs it with its default batch size."""
+        """The before/after evaluation, as ``fair eval`` runs it with ``--batch-size eval_batch_size``."""
         return EvalSettings(images_per_prompt=self.eval_images_per_prompt, num_steps=self.eval_steps, seed=self.seed,
                             guidance_scale=self.guidance_scale,
                             batch_size=self.eval_batch_size)
@@ -115,7 +115,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
 
     The before/after evaluation is ``fair eval``'s (same seeds, same scoring, same summary), so
     ``fair eval --model toy --adaptor <report>/toy_fair_adaptor.safetensors --prompts <report>/heldout_prompts.txt
-    --classifier toy --images-per-prompt <n> --steps <eval_steps> --target <target>`` reproduces the figures.
+    --classifier toy --images-per-prompt <n> --steps <eval_steps> --guidance <g> --batch-size <b> --target <target>``
+    reproduces the figures (the demo prints the exact command).
     """
     from fair_core.toyworld import load_toy_world
     from fair_core.toyworld.world import content_change

@@ -280,8 +280,9 @@ def pretrain(out_dir: str | Path, seed: int = 0, denoiser_steps: int = DENOISER_
     Two denoiser stages: (1) ``denoiser_steps`` from scratch, captions naming the image's own classes (so
     the words come mostly with the occupations that are mostly that colour or shape); (2) ``compose_steps``
     more at a lower learning rate where named attributes are balanced (:func:`named_world`), which
-    teaches the words to compose with every occupation. Trained from scratch in one go, stage 1 alone
-    never learnt the shape from the occupation (it drew the shape from the noise), hence the order.
+    teaches the words to compose with every occupation. Trained from scratch with stage 2's captions
+    alone, the model never learnt the shape from the occupation (it drew the shape from the noise),
+    hence the two stages.
     ``init``: a weights folder holding stage 1's text encoder and UNet; stage 1 is then skipped.
     """
     out_dir = Path(out_dir)
@@ -294,10 +295,10 @@ def pretrain(out_dir: str | Path, seed: int = 0, denoiser_steps: int = DENOISER_
         text_encoder, unet = build_text_encoder(tokenizer), build_unet()
         data = sample_world(OCCUPATIONS, TRAIN_IMAGES_PER_OCCUPATION, seed=seed)
         train_denoiser(data, unet, text_encoder, tokenizer, denoiser_steps, seed, progress=progress)
+        timings["denoiser_seconds"] = time.perf_counter() - start
     else:
         text_encoder, tokenizer = load_text_encoder(Path(init) / FILES["text_encoder"])
         unet = load_unet(Path(init) / FILES["unet"])
-    timings["denoiser_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     compose_seed = seed + COMPOSE_SEED_OFFSET
     data = sample_world(OCCUPATIONS, TRAIN_IMAGES_PER_OCCUPATION, seed=compose_seed)
