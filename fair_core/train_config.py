@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 TRAINABLE_CHOICES = ("text_encoder", "unet", "tokens")
 PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------------------
     iterations: int = 10000
     learning_rate: float = 5e-5
+    lr_schedule: str = "constant"
+    """diffusers' learning-rate schedule over ``iterations``: ``constant``, ``cosine``, ``linear`` (decay to 0
+    after the warm-up), ``constant_with_warmup``."""
+    lr_warmup_iterations: int = 0
     weight_decay: float = 0.01
     ema_decay: float = 0.996
     ema_warmup: bool = False
@@ -112,6 +117,10 @@ class TrainConfig:
             raise ValueError(f"trainable: choose from {', '.join(TRAINABLE_CHOICES)} (got {self.trainable})")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= int(self.lr_warmup_iterations) <= int(self.iterations):
+            raise ValueError(f"lr_warmup_iterations must be in [0, iterations], got {self.lr_warmup_iterations}")
         if self.gradient_mode not in ("adjusted", "naive"):
             raise ValueError(f"gradient_mode must be 'adjusted' or 'naive', got {self.gradient_mode!r}")
         if not 1 <= self.steps_min <= self.steps_max:

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -135,6 +136,8 @@ class FairTrainer:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
+        self.lr_schedule = get_scheduler(config.lr_schedule, self.optimizer, num_warmup_steps=config.lr_warmup_iterations,
+                                         num_training_steps=config.iterations)
         self.ema = EMAModel(self.parameters, decay=config.ema_decay, use_ema_warmup=config.ema_warmup, inv_gamma=1.0, power=2 / 3)
         self.state = TrainState()
 
@@ -299,6 +302,7 @@ class FairTrainer:
             self.ema.step(self.parameters)
         else:
             self.state.skipped_steps += 1
+        self.lr_schedule.step()  # the schedule follows iterations, skipped or not
         self.state.images_without_face += no_face
         self.state.images_seen += self.config.images_per_prompt
         kept = int(self.accelerator.reduce((labels >= 0).any(dim=1).sum(), reduction="sum").item())
@@ -348,6 +352,7 @@ class FairTrainer:
             save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)}, temporary / "trainable.safetensors")
             save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}, temporary / "ema.safetensors")
             torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            torch.save(self.lr_schedule.state_dict(), temporary / "lr_schedule.pt")
             ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
             (temporary / "state.json").write_text(json.dumps({"train_state": self.state.__dict__, "ema": ema_state}))
             os.replace(temporary, directory)
@@ -369,6 +374,7 @@ class FairTrainer:
             parameter.data.copy_(trainable[f"p{i}"])
             self.ema.shadow_params[i].data.copy_(ema[f"p{i}"])
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.device))
+        self.lr_schedule.load_state_dict(torch.load(directory / "lr_schedule.pt", weights_only=True))
         saved = json.loads((directory / "state.json").read_text())
         self.state = TrainState(**saved["train_state"])
         self.ema.optimization_step = saved["ema"]["optimization_step"]

@@ -91,6 +91,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     assert result.state.skipped_steps == 1
     assert result.state.iteration == 3
     assert any(not torch.equal(a, p) for a, p in zip(snapshot, trainer.parameters))
+    assert trainer.lr_schedule.get_last_lr()[0] == 0.0, "the linear schedule steps on skipped iterations too"
     adaptor = read_adaptor(result.adaptor_path)
     assert adaptor.base_model == "sd15"
     assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in adaptor.lora.values())
@@ -187,6 +188,8 @@ def test_exported_metadata_records_run(tmp_path):
         ({"preservation_weight": -1.0}, "preservation_weight"),
         ({"keep_weight": -1.0}, "keep_weight"),
         ({"keep": [""]}, "keep"),
+        ({"lr_schedule": "exponential"}, "lr_schedule"),
+        ({"iterations": 3, "lr_warmup_iterations": 4}, "lr_warmup_iterations"),
     ],
 )
 def test_config_errors_name_the_field(values, message):

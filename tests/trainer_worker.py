@@ -31,12 +31,14 @@ def tiny_classifier(outputs: int = 2) -> torch.nn.Module:
 
 
 def make_trainer(output_dir: str, iterations: int, attributes: tuple[str, ...] = ("gender",), **overrides) -> FairTrainer:
-    """A trainer on tiny SD1.5 parts, gender=uniform target; the classifier scores ``attributes``."""
+    """A trainer on tiny SD1.5 parts, gender=uniform target; the classifier scores ``attributes``.
+
+    The linear warm-up/decay schedule makes the kill-and-resume test check the schedule's state too."""
     torch.set_num_threads(1)
     config = TrainConfig(
         model="tiny", trainable=["text_encoder", "unet"], lora_rank=4, lora_alpha=4, images_per_prompt=4,
         micro_batch=1, steps_min=2, steps_max=3, iterations=iterations, checkpoint_every=1, validate_every=1000,
-        learning_rate=1e-3, ema_decay=0.5, output_dir=output_dir, log_with=None, device="cpu", seed=7,
+        learning_rate=1e-3, lr_schedule="linear", lr_warmup_iterations=1, ema_decay=0.5, output_dir=output_dir, log_with=None, device="cpu", seed=7,
         **overrides,
     )
     parts = DiffusionParts(**vars(tiny_sd15()), base="sd15")
