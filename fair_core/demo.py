@@ -54,7 +54,9 @@ class DemoSettings:
     """Paired images per held-out occupation. Shen et al.'s bias is biased upward at finite counts: a
     perfectly fair model measures about 0.07 at 128, 0.1 at 64 and 0.14 at 32 from sampling noise alone,
     and the same adaptor measured 0.167 at 64 but 0.242 at 128."""
-    eval_steps: int = 20
+    eval_steps: int = 12
+    """Sampling steps of the before/after images, as in training (10-12). Measured on one adaptor over all 18
+    occupations, 48 images each: every red share at 11 steps within 0.02 of its value at 20 steps."""
     eval_batch_size: int = 64
     seed: int = 0
     output_dir: str = "reports/demo"
