@@ -85,6 +85,7 @@ class TrainConfig:
     """diffusers' learning-rate schedule over ``iterations``: ``constant``, ``cosine``, ``linear`` (decay to 0
     after the warm-up), ``constant_with_warmup``."""
     lr_warmup_iterations: int = 0
+    """Iterations over which the learning rate ramps up from 0 (schedules other than ``constant``)."""
     weight_decay: float = 0.01
     ema_decay: float = 0.996
     ema_warmup: bool = False
@@ -121,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 <= int(self.lr_warmup_iterations) <= int(self.iterations):
             raise ValueError(f"lr_warmup_iterations must be in [0, iterations], got {self.lr_warmup_iterations}")
+        if self.lr_schedule == "constant" and self.lr_warmup_iterations:
+            raise ValueError("lr_warmup_iterations has no effect with lr_schedule 'constant': use 'constant_with_warmup'")
         if self.gradient_mode not in ("adjusted", "naive"):
             raise ValueError(f"gradient_mode must be 'adjusted' or 'naive', got {self.gradient_mode!r}")
         if not 1 <= self.steps_min <= self.steps_max:

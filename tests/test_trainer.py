@@ -190,6 +190,7 @@ def test_exported_metadata_records_run(tmp_path):
         ({"keep": [""]}, "keep"),
         ({"lr_schedule": "exponential"}, "lr_schedule"),
         ({"iterations": 3, "lr_warmup_iterations": 4}, "lr_warmup_iterations"),
+        ({"lr_warmup_iterations": 2}, "constant_with_warmup"),
     ],
 )
 def test_config_errors_name_the_field(values, message):
