@@ -20,7 +20,7 @@ import torch
 
 from fair_core.adaptor import apply_adaptor, read_adaptor
 from fair_core.losses import load_preservation_loss
-from fair_core.metrics import total_variation
+from fair_core.metrics import class_frequencies, total_variation
 from fair_core.plots import distribution_chart, save_image_grid
 from fair_core.evaluation import EvalSettings, generate_and_score, summarise_variants
 from fair_core.scoring import AttributeScorer
@@ -109,7 +109,7 @@ def _prompt_shares(records: Sequence[dict], name: str, classes: int) -> dict[str
     for r in records:
         if r["has_face"]:
             by_prompt.setdefault(r["prompt"], []).append(int(np.argmax(r["probs"][name])))
-    return {p: np.bincount(v, minlength=classes) / len(v) for p, v in by_prompt.items()}
+    return {p: class_frequencies(np.array(v), classes) for p, v in by_prompt.items()}
 
 
 def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
