@@ -25,7 +25,7 @@ of whatever produced them (text-encoder LoRA, soft tokens), so micro-batches can
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -193,6 +193,30 @@ def adjusted_backward(
     Returns:
         :class:`DFTResult` with the loss value and the detached latents.
     """
+    trace = trace_sampling(unet, scheduler, noise, cond, uncond, num_steps, guidance_scale, added_cond, mode, autocast_dtype)
+    return trace.backward(loss_fn)
+
+
+def trace_sampling(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    added_cond: AddedCond | None = None,
+    mode: Literal["adjusted", "naive"] = "adjusted",
+    autocast_dtype: torch.dtype | None = None,
+) -> SamplingTrace:
+    """Generate latents and keep what :meth:`SamplingTrace.backward` needs, for a loss known only later.
+
+    The first half of :func:`adjusted_backward` (arguments as there): a trainer that must see the images
+    of the whole batch before it can define the loss (the alignment targets) samples once with this,
+    instead of a no-grad :func:`sample` followed by :func:`adjusted_backward` from the same noise.
+    ``"adjusted"`` keeps the solver's linear chain and the detached UNet input of every step (a few
+    latent-sized tensors per step); ``"naive"`` keeps the whole autograd graph, activations included.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     guided = _guided_unet(unet, scheduler, noise, cond, uncond, num_steps, guidance_scale, added_cond, autocast_dtype)
@@ -200,41 +224,59 @@ def adjusted_backward(
         c.requires_grad for c in guided.conditioning()
     ):
         raise ValueError("nothing to train: no UNet parameter and no conditioning tensor requires grad")
-    scheduler = _fresh_copy(scheduler)
-    if mode == "naive":
-        x0 = _solve(scheduler, noise, num_steps, guided)
-        loss = _scalar_loss(loss_fn, x0)
-        loss.backward()
-        return DFTResult(loss.item(), x0.detach())
-    return _adjusted_backward(guided, scheduler, noise, num_steps, loss_fn)
+    trace = SamplingTrace(guided, _fresh_copy(scheduler), mode)
+    predict = guided if mode == "naive" else trace.predict_as_leaf
+    trace.x0 = _solve(trace.scheduler, noise, num_steps, predict)
+    return trace
 
 
-def _adjusted_backward(
-    guided: _GuidedUNet, scheduler: SchedulerMixin, noise: torch.Tensor, num_steps: int, loss_fn: LossFn
-) -> DFTResult:
-    unet_inputs: list[torch.Tensor] = []
-    eps_leaves: list[torch.Tensor] = []
+@dataclass
+class SamplingTrace:
+    """One sampling run kept for a single later backward pass (see :func:`trace_sampling`).
 
-    def predict_as_leaf(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    Attributes:
+        x0: x_0 latents ``(N, C, H, W)`` with their autograd history; :attr:`latents` is the detached view.
+    """
+
+    guided: _GuidedUNet
+    scheduler: SchedulerMixin
+    mode: str
+    x0: torch.Tensor | None = None
+    unet_inputs: list[torch.Tensor] = field(default_factory=list)
+    eps_leaves: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Detached x_0 latents ``(N, C, H, W)``, as :func:`sample` returns them."""
+        return self.x0.detach()
+
+    def predict_as_leaf(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided eps under no_grad as a leaf requiring grad; the (detached) UNet input is kept."""
         z = z.detach()
         with torch.no_grad():
-            eps = guided(z, t)
-        unet_inputs.append(z)
-        eps_leaves.append(eps.requires_grad_())
+            eps = self.guided(z, t)
+        self.unet_inputs.append(z)
+        self.eps_leaves.append(eps.requires_grad_())
         return eps
 
-    x0 = _solve(scheduler, noise, num_steps, predict_as_leaf)
-    loss = _scalar_loss(loss_fn, x0)
-    loss.backward()  # dL/deps_t through the solver's linear updates only (and into loss_fn's own parameters)
-    if any(eps.grad is None for eps in eps_leaves):
-        raise ValueError("loss_fn's result does not depend on the latents it was given")
-
-    weights = step_coefficients(scheduler).to(noise.device)
-    per_step = guided.detached()
-    for z, t, eps, weight in zip(unet_inputs, scheduler.timesteps, eps_leaves, weights):
-        torch.autograd.backward(per_step(z, t), eps.grad * weight.to(eps.dtype))
-    _backward_conditioning(guided.conditioning(), per_step.conditioning())
-    return DFTResult(loss.item(), x0.detach())
+    def backward(self, loss_fn: LossFn) -> DFTResult:
+        """Backpropagate ``loss_fn(x_0)`` (see :func:`adjusted_backward`); a trace is used once."""
+        if self.x0 is None:
+            raise RuntimeError("this SamplingTrace was already used for a backward pass")
+        x0, self.x0 = self.x0, None
+        loss = _scalar_loss(loss_fn, x0)
+        loss.backward()  # adjusted: dL/deps_t through the solver's linear updates only (and loss_fn's own parameters)
+        if self.mode == "naive":
+            return DFTResult(loss.item(), x0.detach())
+        if any(eps.grad is None for eps in self.eps_leaves):
+            raise ValueError("loss_fn's result does not depend on the latents it was given")
+        weights = step_coefficients(self.scheduler).to(x0.device)
+        per_step = self.guided.detached()
+        for z, t, eps, weight in zip(self.unet_inputs, self.scheduler.timesteps, self.eps_leaves, weights):
+            torch.autograd.backward(per_step(z, t), eps.grad * weight.to(eps.dtype))
+        _backward_conditioning(self.guided.conditioning(), per_step.conditioning())
+        self.unet_inputs, self.eps_leaves = [], []
+        return DFTResult(loss.item(), x0.detach())
 
 
 def _backward_conditioning(originals: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:

@@ -2,10 +2,11 @@
 
 Each iteration takes one prompt and a global batch of N seeded noises spread over the processes:
 
-1. no-grad sampling with the current model -> classifier probabilities on every image;
+1. sampling with the current model, traced for step 3 (``fair_core.dft.trace_sampling``: the UNet runs
+   without gradients, its inputs and outputs are kept) -> classifier probabilities on every image;
 2. probabilities gathered from all processes; the optimal-transport targets are solved once over the
    global batch with the same seed everywhere, so every process gets identical targets;
-3. gradient pass in micro-batches: adjusted DFT through the sampler (``fair_core.dft``) on the
+3. gradient pass in micro-batches: adjusted DFT back through each trace (no second sampling) on the
    distributional alignment loss, plus (optional) lambda_img times the image-preservation loss against
    the frozen model's image from the same noise (sampled once per iteration with the adapters off);
 4. gradients averaged over processes, AdamW step (skipped and counted when a gradient is not finite),
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fair_core.alignment import NO_TARGET, assign_targets, dal_loss
 from fair_core.conditioning import encode_prompts
-from fair_core.dft import adjusted_backward
+from fair_core.dft import SamplingTrace, sample, trace_sampling
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
 from fair_core.metrics import summarise_labels
 from fair_core.models import DiffusionParts
@@ -195,10 +196,26 @@ class FairTrainer:
         scores = self.scorer(images)
         return [scores.logits[i] for i in self.attribute_index], scores
 
+    def _trace(self, prompt: str, noise: torch.Tensor, steps: int) -> list[SamplingTrace]:
+        """Sample this process's images with the current model, one trace per micro-batch of ``noise``.
+
+        The traces are the first half of the gradient pass: the targets are solved on their images, then
+        each trace's backward runs without sampling again from the same noise."""
+        traces = []
+        for start in range(0, noise.shape[0], self.config.micro_batch):
+            chunk = noise[start : start + self.config.micro_batch]
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
+            traces.append(trace_sampling(
+                self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
+                self.config.guidance_scale, added_cond=conditioning.added_cond, mode=self.config.gradient_mode,
+                autocast_dtype=self.autocast_dtype,
+            ))
+        return traces
+
     @torch.no_grad()
-    def _targets(self, prompt: str, noise: torch.Tensor, steps: int, iteration: int) -> tuple[torch.Tensor, int]:
+    def _targets(self, traces: Sequence[SamplingTrace], iteration: int) -> tuple[torch.Tensor, int]:
         """Labels ``(n_local, A)`` (-1 = no target) for this process's images, solved over the global batch."""
-        images = self._sample_images(prompt, noise, steps, self.soft_prompt)
+        images = torch.cat([decode_latents(self.parts, trace.latents) for trace in traces])
         logits, scores = self._score(images)
         has_face = scores.has_face
         probs = torch.cat([torch.softmax(l.float(), dim=-1) for l in logits], dim=-1)
@@ -218,7 +235,7 @@ class FairTrainer:
         """The frozen model's images from the same noise (adapters and soft tokens off), embedded and scored."""
         parts = self.parts
         with adapters_disabled(*(m for m in (parts.unet, *parts.text_encoders) if m is not None)):
-            images = self._sample_images(prompt, noise, steps, soft_prompt=None)
+            images = self._sample_frozen(prompt, noise, steps)
         logits, scores = self._score(images)
         labels = torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
         keep_labels = torch.full((images.shape[0], len(self.keep_index)), NO_TARGET, dtype=torch.long, device=images.device)
@@ -229,13 +246,12 @@ class FairTrainer:
         embedding = self.preservation.embed(images) if self.preservation is not None else []
         return PreservationReference(embedding, labels, keep_labels, scores.boxes)
 
-    def _sample_images(self, prompt: str, noise: torch.Tensor, steps: int, soft_prompt: SoftPrompt | None) -> torch.Tensor:
-        from fair_core.dft import sample
-
+    def _sample_frozen(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """Images ``(n, 3, H, W)`` without gradients and without soft tokens (the caller turns the adapters off)."""
         images = []
         for start in range(0, noise.shape[0], self.config.micro_batch):
             chunk = noise[start : start + self.config.micro_batch]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=soft_prompt)
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0])
             latents = sample(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
@@ -243,18 +259,18 @@ class FairTrainer:
             images.append(decode_latents(self.parts, latents))
         return torch.cat(images)
 
-    def _gradient_pass(self, prompt: str, noise: torch.Tensor, steps: int, labels: torch.Tensor,
+    def _gradient_pass(self, traces: Sequence[SamplingTrace], noise: torch.Tensor, labels: torch.Tensor,
                        reference: PreservationReference | None) -> float:
-        """Accumulate d(mean loss)/d(params) over this process's images; returns the summed loss."""
+        """Accumulate d(mean loss)/d(params) over this process's images (``traces`` of ``noise`` in
+        micro-batches); returns the summed loss."""
         total = 0.0
         names = [a.name for a in self.target.attributes]
-        for start in range(0, noise.shape[0], self.config.micro_batch):
+        for trace, start in zip(traces, range(0, noise.shape[0], self.config.micro_batch)):
             rows = slice(start, start + self.config.micro_batch)
             chunk, chunk_labels = noise[rows], labels[rows]
             chunk_reference = None if reference is None else reference[rows]
             if bool((chunk_labels < 0).all()) and chunk_reference is None and not self.extra_losses:
                 continue  # nothing to learn from these images
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
 
             def loss_fn(latents: torch.Tensor) -> torch.Tensor:
                 images = decode_latents(self.parts, latents)
@@ -277,22 +293,18 @@ class FairTrainer:
                     per_image = per_image + extra(images, chunk)
                 return per_image.sum() / self.local_count
 
-            result = adjusted_backward(
-                self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
-                self.config.guidance_scale, loss_fn, added_cond=conditioning.added_cond, mode=self.config.gradient_mode,
-                autocast_dtype=self.autocast_dtype,
-            )
-            total += float(result.loss)
+            total += float(trace.backward(loss_fn).loss)
         return total
 
     def train_iteration(self, iteration: int) -> dict:
         prompt, steps, seeds = self.iteration_plan(iteration)
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
-        labels, no_face = self._targets(prompt, noise, steps, iteration)
+        traces = self._trace(prompt, noise, steps)
+        labels, no_face = self._targets(traces, iteration)
         needs_reference = self.preservation is not None or bool(self.keep_index)
         reference = self._reference(prompt, noise, steps) if needs_reference else None
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._gradient_pass(prompt, noise, steps, labels, reference)
+        loss = self._gradient_pass(traces, noise, labels, reference)
         loss = float(self.accelerator.reduce(torch.tensor([loss], device=self.device), reduction="sum").item())
         for parameter in self.parameters:  # average over processes: each process holds d(its share)/d(theta)
             parameter.grad = self.accelerator.reduce(parameter.grad.contiguous(), reduction="sum")

@@ -302,6 +302,21 @@ def test_sample_matches_diffusers_pipeline_and_gradient_pass(sd15):
     torch.testing.assert_close(result.latents, latents, rtol=0, atol=1e-12)  # same trajectory (pitfall 4)
 
 
+def test_trace_then_backward_is_adjusted_backward(sd15):
+    """The trainer's path: trace, look at the images, define the loss, backward (once)."""
+    params = _trainable(sd15.unet)
+    args = (sd15.unet, sd15.scheduler, _randn(2, 4, 16, 16, seed=0), _randn(2, 8, 32, seed=1), _randn(2, 8, 32, seed=2))
+    reference = dft.adjusted_backward(*args, 3, GUIDANCE, _loss_fn)
+    expected = _grads(params)
+    trace = dft.trace_sampling(*args, 3, GUIDANCE)
+    torch.testing.assert_close(trace.latents, dft.sample(*args, 3, GUIDANCE), rtol=0, atol=0)
+    result = trace.backward(_loss_fn)
+    assert result.loss == reference.loss
+    torch.testing.assert_close(_grads(params), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="already used"):
+        trace.backward(_loss_fn)
+
+
 def test_gradients_accumulate_and_checkpointing_changes_nothing(sd15):
     params = _trainable(sd15.unet)
     args = (sd15.unet, sd15.scheduler, _randn(1, 4, 16, 16, seed=0), _randn(1, 8, 32, seed=1), _randn(1, 8, 32, seed=2))

@@ -108,7 +108,7 @@ class ImagesAsEmbedding(torch.nn.Module):
 
 
 def test_preservation_compares_with_the_frozen_model_from_the_same_noise(tmp_path):
-    from fair_core.sampling import latent_shape, seeded_noise
+    from fair_core.sampling import decode_latents, latent_shape, seeded_noise
 
     trainer = make_trainer(str(tmp_path / "a"), 2, preservation=["toy"])  # the entry only switches the pass on
     trainer.preservation = ImagesAsEmbedding()
@@ -117,10 +117,10 @@ def test_preservation_compares_with_the_frozen_model_from_the_same_noise(tmp_pat
     noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
     reference = trainer._reference(prompt, noise, steps)
     frozen = make_trainer(str(tmp_path / "b"), 1)  # LoRA up-weights start at zero: the base model
-    expected = frozen._sample_images(prompt, noise, steps, soft_prompt=None)
+    expected = frozen._sample_frozen(prompt, noise, steps)
     assert torch.allclose(reference.embedding[0], expected, atol=1e-6)
     assert reference.labels.shape == (4, 1)
-    trained = trainer._sample_images(prompt, noise, steps, trainer.soft_prompt)
+    trained = torch.cat([decode_latents(trainer.parts, trace.latents) for trace in trainer._trace(prompt, noise, steps)])
     assert not torch.allclose(trained, expected, atol=1e-4), "the adapters must be back on after the reference pass"
 
 
@@ -132,7 +132,7 @@ def test_keep_labels_are_the_frozen_models_confident_classes(tmp_path):
     prompt, steps, seeds = trainer.iteration_plan(0)
     noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
     frozen = make_trainer(str(tmp_path / "b"), 1, attributes=("gender", "age"))
-    age_probs = torch.softmax(frozen.scorer(frozen._sample_images(prompt, noise, steps, None)).logits[1], dim=-1)
+    age_probs = torch.softmax(frozen.scorer(frozen._sample_frozen(prompt, noise, steps)).logits[1], dim=-1)
     trainer.config.confidence_threshold = float(age_probs.max(dim=-1).values.median())  # some sure, some not
     confidence, predicted = age_probs.max(dim=-1)
     expected = torch.where(confidence >= trainer.config.confidence_threshold, predicted, -1)
@@ -155,7 +155,7 @@ def test_keep_term_alone_trains_and_its_weight_scales_it(tmp_path):
         reference = trainer._reference(prompt, noise, steps)
         trainer.optimizer.zero_grad(set_to_none=False)
         no_alignment = torch.full((4, 1), -1, dtype=torch.long)
-        trainer._gradient_pass(prompt, noise, steps, no_alignment, reference)
+        trainer._gradient_pass(trainer._trace(prompt, noise, steps), noise, no_alignment, reference)
         gradients[weight] = torch.cat([p.grad.flatten() for p in trainer.parameters])
     assert float(gradients[0.0].abs().max()) == 0.0
     assert float(gradients[1.0].abs().max()) > 0.0
