@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fair_core.adaptor import apply_adaptor, read_adaptor
+from fair_core.adaptor import apply_adaptor, read_adaptor, soft_prompt_of
 from fair_core.losses import load_preservation_loss
 from fair_core.metrics import class_frequencies, total_variation
 from fair_core.plots import distribution_chart, save_image_grid
@@ -26,6 +26,7 @@ from fair_core.evaluation import EvalSettings, generate_and_score, summarise_var
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import TargetDistribution
 from fair_core.train_config import TrainConfig
+from fair_core.trainable import SoftPrompt
 from fair_core.trainer import FairTrainer
 
 
@@ -91,7 +92,8 @@ class DemoSettings:
         )
 
 
-def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings, name: str):
+def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings, name: str,
+              soft_prompt: SoftPrompt | None = None):
     """Records (as ``fair eval`` writes them) and the images ``{prompt: (n, 3, H, W)}`` of one variant."""
     images: dict[str, list[torch.Tensor]] = {p: [] for p in prompts}
 
@@ -99,7 +101,8 @@ def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: 
         for prompt, image in zip(batch_prompts, batch):
             images[prompt].append(image)
 
-    records = generate_and_score(parts, scorer, prompts, settings, on_images=keep, description=f"demo eval ({name})")
+    records = generate_and_score(parts, scorer, prompts, settings, soft_prompt=soft_prompt, on_images=keep,
+                                 description=f"demo eval ({name})")
     return records, {p: torch.stack(v) for p, v in images.items()}
 
 
@@ -148,9 +151,10 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
 
     after_world = load_toy_world()
     after_parts = after_world.parts()
-    apply_adaptor(read_adaptor(adaptor_path, expected_base="toy"), unet=after_parts.unet,
-                  text_encoders={"te": after_parts.text_encoder})
-    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after")
+    adaptor = read_adaptor(adaptor_path, expected_base="toy")
+    apply_adaptor(adaptor, unet=after_parts.unet, text_encoders={"te": after_parts.text_encoder})
+    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after",
+                                            soft_prompt_of(adaptor, ("te",)))
 
     variants = {"base": before_records, adaptor_path.stem: after_records}
     summary = summarise_variants(variants, target, seed=settings.seed)

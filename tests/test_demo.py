@@ -41,3 +41,12 @@ def test_reduced_demo_lowers_colour_bias(tmp_path):
     assert audit["summaries"]["base"] == figures["before"]
     assert audit["summaries"]["toy_fair_adaptor"] == figures["after"]
     assert audit["changes"]["toy_fair_adaptor"] == figures["change"]
+
+
+def test_demo_evaluates_an_adaptor_of_soft_tokens_with_its_tokens(tmp_path):
+    """A tokens-only adaptor changes nothing unless the after-images are generated with its soft prompt."""
+    settings = DemoSettings(trainable=("tokens",), iterations=2, learning_rate=0.1, images_per_prompt=4,
+                            eval_images_per_prompt=4, output_dir=str(tmp_path))
+    figures = run_demo(settings, log=lambda *_: None)
+    assert read_adaptor(tmp_path / "toy_fair_adaptor.safetensors", expected_base="toy").tokens
+    assert figures["content_change"]["background"] > 0, "the after-images must differ from the before-images"

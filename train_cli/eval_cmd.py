@@ -58,18 +58,8 @@ def _parts_loader(model: str, device: str):
     return lambda: load_diffusion_parts(model, device=device)
 
 
-def _soft_prompt(adaptor, families):
-    import torch
-
-    from fair_core.trainable import SoftPrompt
-
-    if not adaptor.tokens:
-        return None
-    return SoftPrompt([torch.cat([t.vectors[f] for t in adaptor.tokens]) for f in families])
-
-
 def _run(args: argparse.Namespace) -> int:
-    from fair_core.adaptor import apply_adaptor, read_adaptor
+    from fair_core.adaptor import apply_adaptor, read_adaptor, soft_prompt_of
     from fair_core.classifiers.metadata import file_identity
     from fair_core.eval_report import write_paired_grids, write_report
     from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, score_image_folder,
@@ -106,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
             if adaptor_path is not None:
                 adaptor = read_adaptor(adaptor_path, expected_base=parts.base)
                 apply_adaptor(adaptor, unet=parts.unet, text_encoders=dict(zip(families, parts.text_encoders)))
-                soft_prompt = _soft_prompt(adaptor, families)
+                soft_prompt = soft_prompt_of(adaptor, families)
                 name = Path(adaptor_path).stem
                 identity["adaptor_sha256"] = file_identity(adaptor_path)["sha256"]
             if name in variants:

@@ -12,7 +12,7 @@ Pieces, each with one job:
 * :mod:`~fair_core.adaptor.paper`: the released ``.pth`` checkpoints of Shen et al. -> :class:`FairAdaptor`.
 """
 
-from fair_core.adaptor.applier import add_soft_tokens, apply_adaptor, merge_adaptor
+from fair_core.adaptor.applier import add_soft_tokens, apply_adaptor, merge_adaptor, soft_prompt_of
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata
@@ -32,6 +32,7 @@ __all__ = [
     "SoftTokens",
     "adaptor_from_models",
     "add_soft_tokens",
+    "soft_prompt_of",
     "apply_adaptor",
     "convert_paper_checkpoints",
     "lora_from_model",

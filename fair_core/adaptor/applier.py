@@ -21,6 +21,7 @@ from torch import nn
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError, list_some
 from fair_core.adaptor.naming import family_of_prefix, prefixes_of_modules
+from fair_core.trainable import SoftPrompt
 
 
 @dataclass
@@ -134,6 +135,18 @@ def add_soft_tokens(
                 embeddings[tokenizer.convert_tokens_to_ids(words)] = vectors.to(embeddings)
         prompts[token.name] = " ".join(words)
     return prompts
+
+
+def soft_prompt_of(adaptor: FairAdaptor, families: Sequence[str]) -> SoftPrompt | None:
+    """The adaptor's soft tokens as the trainer used them: a :class:`~fair_core.trainable.SoftPrompt` put right
+    after BOS of conditional prompts (``families``: the text encoders' order, ``("te",)`` or ``("te1", "te2")``),
+    or None when the adaptor has no tokens. :func:`add_soft_tokens` is the other way, as words of a prompt."""
+    if not adaptor.tokens:
+        return None
+    missing = [f for t in adaptor.tokens for f in families if f not in t.vectors]
+    if missing:
+        raise AdaptorError(f"soft tokens have no vectors for text encoder(s) {sorted(set(missing))}")
+    return SoftPrompt([torch.cat([t.vectors[f] for t in adaptor.tokens]) for f in families])
 
 
 def _resolve(
