@@ -68,6 +68,10 @@ class TrainConfig:
     # --- sampling ----------------------------------------------------------------------------------
     images_per_prompt: int = 24
     """N, the global batch of one prompt over all processes; the assignment is solved over all N."""
+    prompts_per_iteration: int = 1
+    """P: prompts per optimiser step, each with its own N images and its own target assignment; the step
+    follows the mean of their losses. The paper uses 1 (10,000 small steps); short runs at high learning
+    rates need more than one, or the shared adaptor follows whichever prompts came last."""
     micro_batch: int = 4
     """Images per gradient pass on one process (memory knob; does not change the result)."""
     steps_min: int = 19
@@ -145,7 +149,7 @@ class TrainConfig:
             raise ValueError(f"keep: a list of attribute names, got {self.keep}")
         if not self.keep_weight >= 0:
             raise ValueError(f"keep_weight must be >= 0, got {self.keep_weight}")
-        for name in ("images_per_prompt", "micro_batch", "iterations", "lora_rank", "num_tokens",
+        for name in ("images_per_prompt", "prompts_per_iteration", "micro_batch", "iterations", "lora_rank", "num_tokens",
                      "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")

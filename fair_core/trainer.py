@@ -1,6 +1,7 @@
 """The fair-adaptor training loop (Shen et al. 2024, Algorithm A.1), one page in the style of accelerate's examples.
 
-Each iteration takes one prompt and a global batch of N seeded noises spread over the processes:
+Each iteration takes P prompts (``prompts_per_iteration``, the paper's 1) and for each a global batch of N
+seeded noises spread over the processes; per prompt:
 
 1. sampling with the current model, traced for step 3 (``fair_core.dft.trace_sampling``: the UNet runs
    without gradients, its inputs and outputs are kept) -> classifier probabilities on every image;
@@ -9,11 +10,11 @@ Each iteration takes one prompt and a global batch of N seeded noises spread ove
 3. gradient pass in micro-batches: adjusted DFT back through each trace (no second sampling) on the
    distributional alignment loss, plus (optional) lambda_img times the image-preservation loss against
    the frozen model's image from the same noise (sampled once per iteration with the adapters off);
-4. gradients averaged over processes, AdamW step (skipped and counted when a gradient is not finite),
-   EMA update.
+4. gradients accumulated over the P prompts and summed over processes (each holds its share of the mean
+   loss), AdamW step (skipped and counted when a gradient is not finite), EMA update.
 
-All randomness of an iteration (prompt order, step count, noises, assignment) is derived from
-``(seed, iteration)``, so a resumed run, or a run on a different number of processes, repeats it exactly.
+All randomness of a prompt's slot ``iteration * P + k`` (prompt order, step count, noises, assignment) is
+derived from ``(seed, slot)``, so a resumed run, or a run on a different number of processes, repeats it exactly.
 """
 
 from __future__ import annotations
@@ -176,14 +177,15 @@ class FairTrainer:
         return parameters
 
     # ------------------------------------------------------------------ one iteration
-    def iteration_plan(self, iteration: int) -> tuple[str, int, list[int]]:
-        """Prompt, number of sampling steps and the N global noise seeds of ``iteration``."""
+    def iteration_plan(self, slot: int) -> tuple[str, int, list[int]]:
+        """Prompt, number of sampling steps and the N global noise seeds of prompt slot ``slot`` (iteration
+        ``i`` trains slots ``i * P .. i * P + P - 1``; with P = 1 the slot is the iteration)."""
         config = self.config
-        epoch, position = divmod(iteration, len(self.train_prompts))
+        epoch, position = divmod(slot, len(self.train_prompts))
         order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_prompts))
         prompt = self.train_prompts[order[position]]
-        steps = int(np.random.default_rng([config.seed, iteration, 1]).integers(config.steps_min, config.steps_max + 1))
-        seeds = [stable_seed(config.seed, iteration, index) for index in range(config.images_per_prompt)]
+        steps = int(np.random.default_rng([config.seed, slot, 1]).integers(config.steps_min, config.steps_max + 1))
+        seeds = [stable_seed(config.seed, slot, index) for index in range(config.images_per_prompt)]
         return prompt, steps, seeds
 
     def local_slice(self) -> slice:
@@ -213,7 +215,7 @@ class FairTrainer:
         return traces
 
     @torch.no_grad()
-    def _targets(self, traces: Sequence[SamplingTrace], iteration: int) -> tuple[torch.Tensor, int]:
+    def _targets(self, traces: Sequence[SamplingTrace], slot: int) -> tuple[torch.Tensor, int]:
         """Labels ``(n_local, A)`` (-1 = no target) for this process's images, solved over the global batch."""
         images = torch.cat([decode_latents(self.parts, trace.latents) for trace in traces])
         logits, scores = self._score(images)
@@ -225,7 +227,7 @@ class FairTrainer:
         per_attribute = [probs[:, a:b] for a, b in zip(sizes[:-1], sizes[1:])]
         result = assign_targets(
             per_attribute, self.target, has_face=has_face, num_samples=self.config.assignment_samples,
-            confidence_threshold=self.config.confidence_threshold, seed=int(stable_seed(self.config.seed, iteration, "ot")),
+            confidence_threshold=self.config.confidence_threshold, seed=int(stable_seed(self.config.seed, slot, "ot")),
         )
         labels = torch.from_numpy(result.labels[self.local_slice()]).to(self.device)
         return labels, int((~has_face).sum())
@@ -261,8 +263,8 @@ class FairTrainer:
 
     def _gradient_pass(self, traces: Sequence[SamplingTrace], noise: torch.Tensor, labels: torch.Tensor,
                        reference: PreservationReference | None) -> float:
-        """Accumulate d(mean loss)/d(params) over this process's images (``traces`` of ``noise`` in
-        micro-batches); returns the summed loss."""
+        """Accumulate this process's share of d(loss)/d(params), the loss being the mean over the iteration's
+        P x N global images, from its images (``traces`` of ``noise`` in micro-batches); returns that share."""
         total = 0.0
         names = [a.name for a in self.target.attributes]
         for trace, start in zip(traces, range(0, noise.shape[0], self.config.micro_batch)):
@@ -291,23 +293,34 @@ class FairTrainer:
                     per_image = per_image + self.config.preservation_weight * preserved
                 for extra in self.extra_losses:
                     per_image = per_image + extra(images, chunk)
-                return per_image.sum() / self.local_count
+                return per_image.sum() / (self.config.images_per_prompt * self.config.prompts_per_iteration)
 
             total += float(trace.backward(loss_fn).loss)
         return total
 
-    def train_iteration(self, iteration: int) -> dict:
-        prompt, steps, seeds = self.iteration_plan(iteration)
+    def _accumulate(self, slot: int) -> tuple[float, int, str]:
+        """Sample, assign and accumulate the gradient of one prompt slot: (this process's loss share, images
+        with a target over all processes, the prompt)."""
+        prompt, steps, seeds = self.iteration_plan(slot)
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
         traces = self._trace(prompt, noise, steps)
-        labels, no_face = self._targets(traces, iteration)
+        labels, no_face = self._targets(traces, slot)
         needs_reference = self.preservation is not None or bool(self.keep_index)
         reference = self._reference(prompt, noise, steps) if needs_reference else None
-        self.optimizer.zero_grad(set_to_none=False)
         loss = self._gradient_pass(traces, noise, labels, reference)
-        loss = float(self.accelerator.reduce(torch.tensor([loss], device=self.device), reduction="sum").item())
-        for parameter in self.parameters:  # average over processes: each process holds d(its share)/d(theta)
-            parameter.grad = self.accelerator.reduce(parameter.grad.contiguous(), reduction="sum")
+        self.state.images_without_face += no_face
+        kept = int(self.accelerator.reduce((labels >= 0).any(dim=1).sum(), reduction="sum").item())
+        return loss, kept, prompt
+
+    def train_iteration(self, iteration: int) -> dict:
+        self.optimizer.zero_grad(set_to_none=False)
+        count = self.config.prompts_per_iteration
+        losses, kept, prompts = zip(*(self._accumulate(slot) for slot in range(iteration * count, (iteration + 1) * count)))
+        loss = float(self.accelerator.reduce(torch.tensor([sum(losses)], device=self.device), reduction="sum").item())
+        for parameter in self.parameters:  # each process holds d(its share of the mean loss)/d(theta)
+            # None where this process had nothing to learn from its images; every process must join the sum
+            local = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = self.accelerator.reduce(local.contiguous(), reduction="sum")
         finite = math.isfinite(loss) and all(bool(torch.isfinite(p.grad).all()) for p in self.parameters)
         if finite:
             self.optimizer.step()
@@ -315,10 +328,8 @@ class FairTrainer:
         else:
             self.state.skipped_steps += 1
         self.lr_schedule.step()  # the schedule follows iterations, skipped or not
-        self.state.images_without_face += no_face
-        self.state.images_seen += self.config.images_per_prompt
-        kept = int(self.accelerator.reduce((labels >= 0).any(dim=1).sum(), reduction="sum").item())
-        return {"loss": loss, "steps": steps, "kept_targets": kept, "skipped": not finite, "prompt": prompt}
+        self.state.images_seen += self.config.images_per_prompt * count
+        return {"loss": loss, "kept_targets": sum(kept), "skipped": not finite, "prompts": list(prompts)}
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

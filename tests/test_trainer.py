@@ -32,8 +32,8 @@ def _run_worker(output: Path, iterations: int, *extra: str, processes: int = 1) 
     if processes == 1:
         command = [sys.executable, str(WORKER), str(output), str(iterations), *extra]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        # torchrun, not `accelerate launch --cpu`, which starts a single process whatever --num_processes says
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                    str(WORKER), str(output), str(iterations), *extra]
     completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -57,6 +57,11 @@ def test_two_processes_match_one(tmp_path):
     moved = max(float(t.abs().max()) for k, t in single.items() if "lora_up" in k)
     assert moved > 0, "training changed nothing: the comparison would be vacuous"
     _assert_same(single, double, 1e-5)
+    # Adam would hide a gradient scaled by the number of processes; its first moment does not.
+    moments = [torch.load(run / "checkpoints" / "iter_0000003" / "optimizer.pt", weights_only=True)["state"]
+               for run in (tmp_path / "one", tmp_path / "two")]
+    for index, state in moments[0].items():
+        torch.testing.assert_close(moments[1][index]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-9)
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
@@ -122,6 +127,22 @@ def test_preservation_compares_with_the_frozen_model_from_the_same_noise(tmp_pat
     assert reference.labels.shape == (4, 1)
     trained = torch.cat([decode_latents(trainer.parts, trace.latents) for trace in trainer._trace(prompt, noise, steps)])
     assert not torch.allclose(trained, expected, atol=1e-4), "the adapters must be back on after the reference pass"
+
+
+def test_prompts_per_iteration_steps_on_the_mean_gradient_of_consecutive_slots(tmp_path):
+    one_at_a_time = make_trainer(str(tmp_path / "a"), 1)
+    slot_gradients = []
+    for slot in (0, 1):
+        one_at_a_time.optimizer.zero_grad(set_to_none=False)
+        one_at_a_time._accumulate(slot)
+        slot_gradients.append(torch.cat([p.grad.flatten() for p in one_at_a_time.parameters]))
+    two_at_a_time = make_trainer(str(tmp_path / "b"), 1, prompts_per_iteration=2)
+    record = two_at_a_time.train_iteration(0)
+    assert record["prompts"] == [one_at_a_time.iteration_plan(slot)[0] for slot in (0, 1)]
+    assert len(set(record["prompts"])) == 2
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in two_at_a_time.parameters]),
+                               (slot_gradients[0] + slot_gradients[1]) / 2, rtol=1e-5, atol=1e-10)
+    assert two_at_a_time.state.images_seen == 2 * two_at_a_time.config.images_per_prompt
 
 
 def test_keep_labels_are_the_frozen_models_confident_classes(tmp_path):

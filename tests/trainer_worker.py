@@ -1,10 +1,11 @@
-"""A tiny training run for the trainer tests, launched as a script (also by `accelerate launch`).
+"""A tiny training run for the trainer tests, launched as a script (also by ``torchrun``).
 
 usage: python tests/trainer_worker.py OUTPUT_DIR ITERATIONS [--resume] [--nan-at K]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,4 +52,5 @@ def make_trainer(output_dir: str, iterations: int, attributes: tuple[str, ...] =
 if __name__ == "__main__":
     output, count = sys.argv[1], int(sys.argv[2])
     trainer = make_trainer(output, count)
+    assert trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", 1)), "not the launched process count"
     trainer.fit(resume="--resume" in sys.argv)
