@@ -239,7 +239,7 @@ class FairTrainer:
         with adapters_disabled(*(m for m in (parts.unet, *parts.text_encoders) if m is not None)):
             images = self._sample_frozen(prompt, noise, steps)
         logits, scores = self._score(images)
-        labels = torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
+        labels = _predicted_classes(logits)
         keep_labels = torch.full((images.shape[0], len(self.keep_index)), NO_TARGET, dtype=torch.long, device=images.device)
         for column, index in enumerate(self.keep_index):
             confidence, predicted = torch.softmax(scores.logits[index].float(), dim=-1).max(dim=-1)
@@ -353,7 +353,7 @@ class FairTrainer:
                 )
                 logits, scores = self._score(images.to(self.device))
                 has_face = scores.has_face
-                labels_per_prompt.append(torch.stack([l.argmax(-1) for l in logits], dim=1).cpu().numpy())
+                labels_per_prompt.append(_predicted_classes(logits).cpu().numpy())
                 faces_per_prompt.append(has_face.cpu().numpy())
                 first_images = images if first_images is None else first_images
         finally:
@@ -519,6 +519,11 @@ def _keep_positions(scorer: AttributeScorer, target: TargetDistribution, keep: S
     if missing:
         raise ValueError(f"keep: the classifier has no attribute {missing} (it has: {', '.join(by_name)})")
     return _attribute_positions(scorer, [by_name[name] for name in keep])
+
+
+def _predicted_classes(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n, A)`` the most likely class of each attribute, from one ``(n, K_a)`` logit tensor per attribute."""
+    return torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
 
 
 def _headline(summary: dict | None) -> str:
