@@ -70,8 +70,8 @@ class TrainConfig:
     """N, the global batch of one prompt over all processes; the assignment is solved over all N."""
     prompts_per_iteration: int = 1
     """P: prompts per optimiser step, each with its own N images and its own target assignment; the step
-    follows the mean of their losses. The paper uses 1 (10,000 small steps); short runs at high learning
-    rates need more than one, or the shared adaptor follows whichever prompts came last."""
+    follows the mean of their losses, so prompts that pull the shared adaptor opposite ways meet in one
+    step. The paper uses 1 (10,000 small steps). Costs P times one prompt's sampling per iteration."""
     micro_batch: int = 4
     """Images per gradient pass on one process (memory knob; does not change the result)."""
     steps_min: int = 19
