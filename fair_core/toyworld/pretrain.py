@@ -239,6 +239,7 @@ def evaluate_world(world: ToyWorld, images_per_prompt: int = 64, seed: int = 0, 
     report: dict[str, Any] = {"classifier_accuracy": accuracy, "occupations": {}}
     seeds = [seed + i for i in range(images_per_prompt)]
     shape_classes = len(TOY_SCHEMA["shape"].classes)
+    colour_column, shape_column = list(TOY_SCHEMA).index("colour"), list(TOY_SCHEMA).index("shape")
     for occupation in tqdm(OCCUPATIONS, desc="evaluate", disable=not progress):
         images = world.generate([world.prompt(occupation)] * images_per_prompt, seeds)
         labels = {name: predict(c, images).numpy() for name, c in scorers.items()}
@@ -254,13 +255,13 @@ def evaluate_world(world: ToyWorld, images_per_prompt: int = 64, seed: int = 0, 
                 "generated_bias": float(shen_bias(shares)),
             }
         if entry["heldout"]:
-            unnamed_shapes = class_frequencies(labels["eval"][:, 1], shape_classes)
+            unnamed_shapes = class_frequencies(labels["eval"][:, shape_column], shape_classes)
             entry["named_colour"] = {}
             for index, colour in enumerate(TOY_SCHEMA["colour"].classes):
                 named = predict(scorers["eval"], world.generate([prompt(occupation, [colour])] * images_per_prompt, seeds)).numpy()
                 entry["named_colour"][colour] = {
-                    "colour_share": float((named[:, 0] == index).mean()),
-                    "shape_tv_to_unnamed": float(total_variation(class_frequencies(named[:, 1], shape_classes), unnamed_shapes)),
+                    "colour_share": float((named[:, colour_column] == index).mean()),
+                    "shape_tv_to_unnamed": float(total_variation(class_frequencies(named[:, shape_column], shape_classes), unnamed_shapes)),
                 }
         report["occupations"][occupation] = entry
     heldout = [report["occupations"][o] for o in HELDOUT_OCCUPATIONS]
