@@ -203,16 +203,27 @@ class FairTrainer:
 
         The traces are the first half of the gradient pass: the targets are solved on their images, then
         each trace's backward runs without sampling again from the same noise."""
-        traces = []
-        for start in range(0, noise.shape[0], self.config.micro_batch):
-            chunk = noise[start : start + self.config.micro_batch]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=self.soft_prompt)
-            traces.append(trace_sampling(
+        return self._sample_micro_batches(trace_sampling, prompt, noise, steps, self.soft_prompt,
+                                          mode=self.config.gradient_mode)
+
+    def _sample_micro_batches(self, sampler: Callable, prompt: str, noise: torch.Tensor, steps: int,
+                              soft_prompt: SoftPrompt | None, **options) -> list:
+        """``sampler`` (:func:`~fair_core.dft.sample` or :func:`~fair_core.dft.trace_sampling`) on each
+        micro-batch of ``noise`` with ``prompt``'s conditioning; one result per micro-batch."""
+        results = []
+        for rows in self._micro_batch_rows(noise.shape[0]):
+            chunk = noise[rows]
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=soft_prompt)
+            results.append(sampler(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
-                self.config.guidance_scale, added_cond=conditioning.added_cond, mode=self.config.gradient_mode,
-                autocast_dtype=self.autocast_dtype,
+                self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
+                **options,
             ))
-        return traces
+        return results
+
+    def _micro_batch_rows(self, count: int) -> list[slice]:
+        """Row slices of ``count`` local images, ``micro_batch`` at a time."""
+        return [slice(start, start + self.config.micro_batch) for start in range(0, count, self.config.micro_batch)]
 
     @torch.no_grad()
     def _targets(self, traces: Sequence[SamplingTrace], slot: int) -> tuple[torch.Tensor, int]:
@@ -250,16 +261,8 @@ class FairTrainer:
 
     def _sample_frozen(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
         """Images ``(n, 3, H, W)`` without gradients and without soft tokens (the caller turns the adapters off)."""
-        images = []
-        for start in range(0, noise.shape[0], self.config.micro_batch):
-            chunk = noise[start : start + self.config.micro_batch]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0])
-            latents = sample(
-                self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
-                self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
-            )
-            images.append(decode_latents(self.parts, latents))
-        return torch.cat(images)
+        latents = self._sample_micro_batches(sample, prompt, noise, steps, soft_prompt=None)
+        return torch.cat([decode_latents(self.parts, chunk) for chunk in latents])
 
     def _gradient_pass(self, traces: Sequence[SamplingTrace], noise: torch.Tensor, labels: torch.Tensor,
                        reference: PreservationReference | None) -> float:
@@ -267,8 +270,7 @@ class FairTrainer:
         P x N global images, from its images (``traces`` of ``noise`` in micro-batches); returns that share."""
         total = 0.0
         names = [a.name for a in self.target.attributes]
-        for trace, start in zip(traces, range(0, noise.shape[0], self.config.micro_batch)):
-            rows = slice(start, start + self.config.micro_batch)
+        for trace, rows in zip(traces, self._micro_batch_rows(noise.shape[0])):
             chunk, chunk_labels = noise[rows], labels[rows]
             chunk_reference = None if reference is None else reference[rows]
             if bool((chunk_labels < 0).all()) and chunk_reference is None and not self.extra_losses:
