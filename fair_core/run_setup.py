@@ -50,7 +50,7 @@ def load_training_setup(config: TrainConfig, device: str = "cpu") -> TrainingSet
     if config.model == TOY:
         from fair_core.toyworld import load_toy_world
 
-        world = load_toy_world()
+        world = load_toy_world(device=device)
         if config.classifier != TOY:
             raise ValueError("the toy world trains with its own classifier: set classifier: toy")
         train = [world.prompt(o) for o in world.train_occupations]

@@ -50,3 +50,13 @@ def test_demo_evaluates_an_adaptor_of_soft_tokens_with_its_tokens(tmp_path):
     figures = run_demo(settings, log=lambda *_: None)
     assert read_adaptor(tmp_path / "toy_fair_adaptor.safetensors", expected_base="toy").tokens
     assert figures["content_change"]["background"] > 0, "the after-images must differ from the before-images"
+
+
+def test_toy_training_setup_puts_models_and_scorer_on_the_given_device():
+    """`fair train` hands the toy world the trainer's device: the scorer must sit where the images are made."""
+    from fair_core.run_setup import load_training_setup
+    from fair_core.train_config import TrainConfig
+
+    setup = load_training_setup(TrainConfig(model="toy", classifier="toy", target="colour=uniform"), device="meta")
+    assert next(setup.parts.unet.parameters()).device.type == "meta"
+    assert next(setup.scorer.classifier.parameters()).device.type == "meta"

@@ -41,10 +41,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         return 0
+    from accelerate import PartialState
+
     from fair_core.run_setup import load_training_setup
     from fair_core.trainer import FairTrainer
 
-    setup = load_training_setup(config, device=config.device or "cpu")
+    # The device accelerate gives this process (cuda:<local rank> under `accelerate launch`): the scorer
+    # and the preservation encoders must sit where the trainer puts the diffusion model.
+    device = PartialState(cpu=config.device == "cpu").device
+    setup = load_training_setup(config, device=str(device))
     trainer = FairTrainer(config, setup.parts, setup.scorer, setup.target, setup.train_prompts, setup.val_prompts,
                           preservation=setup.preservation)
     result = trainer.fit(resume=args.resume)
