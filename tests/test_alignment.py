@@ -133,6 +133,22 @@ def test_confidence_threshold_decides_which_targets_are_kept():
     assert 0 < (default.labels >= 0).sum() < default.labels.size  # the threshold actually splits this batch
 
 
+def test_paper_threshold_leaves_a_dead_zone_that_a_lower_one_narrows():
+    """24 crisp images, r of them male, uniform target: how many males are told to turn female. The sampled
+    counts spread by +-2.4 images, so with C = 0.8 the first two surplus images never get a corrective target
+    (a 14 / 10 batch, a lean of 0.08, teaches nothing); C = 0.6 corrects from the first or second. The demo
+    relies on this (``DemoSettings.confidence_threshold``)."""
+    target = TargetDistribution.uniform([GENDER])
+
+    def corrected(r: int, threshold: float) -> int:
+        p_male = np.concatenate([np.linspace(0.99, 0.95, r), np.linspace(0.05, 0.01, 24 - r)])
+        labels = assign_targets([np.stack([1 - p_male, p_male], 1)], target, confidence_threshold=threshold, seed=0).labels
+        return int(((labels[:, 0] == 0) & (p_male > 0.5)).sum())
+
+    assert [corrected(r, 0.8) for r in range(12, 18)] == [0, 0, 0, 1, 2, 3]
+    assert [corrected(r, 0.6) for r in range(12, 18)] == [0, 1, 2, 3, 4, 5]
+
+
 def test_images_without_face_get_no_target_and_are_left_out_of_the_transport():
     rng = np.random.default_rng(5)
     target = TargetDistribution.uniform([GENDER, RACE4])
