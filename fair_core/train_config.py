@@ -42,6 +42,9 @@ class TrainConfig:
     """Target distribution: an expression (``gender=female:0.5,male:0.5;age=young:0.75,old:0.25``), a
     mapping (YAML), or a path to a YAML/JSON file."""
     confidence_threshold: float = 0.8
+    """C: an image gets a target where the OT assignment puts it in one class in at least this fraction of the
+    sampled target counts (the paper's 0.8). The counts spread by about sqrt(N)/2 images, so at N = 24 a prompt
+    within ~0.1 of its target share gets no corrective target; 0.6 narrows that dead zone (README, demo)."""
     assignment_samples: int = 100
     preservation: list[str] = field(default_factory=list)
     """Image-preservation encoders, comparing each image with the frozen model's image from the same
