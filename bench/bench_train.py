@@ -24,13 +24,11 @@ import time
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from fair_core.classifiers.metadata import ClassifierSpec
 from fair_core.classifiers.model import build_classifier
 from fair_core.faces import Face, FaceAttributeScorer, FaceFinder
-from fair_core.models import CONFIG_DIR, DiffusionParts, clip_tokenizer
+from fair_core.models import DiffusionParts, random_parts
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution
 from fair_core.tiny import tiny_sd15
 from fair_core.train_config import TrainConfig
@@ -49,22 +47,11 @@ class CentreDetector:
         return [Face((width / 4, height / 4, 3 * width / 4, 3 * height / 4), 1.0)]
 
 
-def random_parts(base: str, device: torch.device) -> DiffusionParts:
-    """The published architecture of ``base`` (``sd15``/``sdxl``; ``tiny``: fair_core.tiny's SD1.5) with random
-    weights, built on ``device``."""
+def build_parts(base: str, device: torch.device) -> DiffusionParts:
+    """``base``'s architecture with random weights on ``device``; ``tiny``: fair_core.tiny's SD1.5."""
     if base == "tiny":
         return DiffusionParts(**vars(tiny_sd15()), base="sd15")
-    folder = CONFIG_DIR / base
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-                          if base == "sdxl" else None)
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(str(folder), subfolder="scheduler", algorithm_type="dpmsolver++",
-                                                            solver_order=2)
-    tokenizer_2 = clip_tokenizer(pad_token="!") if base == "sdxl" else None
-    return DiffusionParts(unet, vae, text_encoder, clip_tokenizer(), scheduler, text_encoder_2, tokenizer_2, base=base)
+    return random_parts(base, device)
 
 
 def main() -> None:
@@ -83,7 +70,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    parts = random_parts(args.base, device)
+    parts = build_parts(args.base, device)
     spec = ClassifierSpec((DEFAULT_SCHEMA["gender"], DEFAULT_SCHEMA["race"]), 224)
     classifier = build_classifier(spec, "mobilenet_v2").to(device).eval().requires_grad_(False)
     scorer = FaceAttributeScorer(FaceFinder(CentreDetector()), classifier)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -157,6 +157,25 @@ def load_diffusion_parts(
     else:
         raise ValueError(f"model not found: {path} is neither a diffusers model directory nor a checkpoint file")
     return parts.to(device)
+
+
+def random_parts(base: str, device: torch.device | str = "cpu") -> DiffusionParts:
+    """The published architecture of ``base`` (``"sd15"``/``"sdxl"``) from the shipped configs, with random
+    weights, built directly on ``device`` (``"meta"``: shapes only). For benchmarks and tests; nothing is read
+    but ``fair_core/configs/<base>`` and the shipped CLIP vocabulary."""
+    if base not in CHECKPOINT_PREFIXES:
+        raise ValueError(f"base must be one of {sorted(CHECKPOINT_PREFIXES)}, got {base!r}")
+    folder = CONFIG_DIR / base
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        second = {}
+        if base == "sdxl":
+            second = {"text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
+                      "tokenizer_2": _config_tokenizer(folder / "tokenizer_2", "!")}
+    return DiffusionParts(unet, vae, text_encoder, _config_tokenizer(folder / "tokenizer", CLIP_EOS),
+                          _training_scheduler(folder), **second, base=base)
 
 
 def detect_checkpoint_base(keys: set[str] | list[str], name: str = "checkpoint") -> str:

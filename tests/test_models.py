@@ -19,7 +19,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLP
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from fair_core.models import CONFIG_DIR, DiffusionParts, clip_tokenizer, detect_checkpoint_base, load_diffusion_parts
+from fair_core.models import (CONFIG_DIR, DiffusionParts, clip_tokenizer, detect_checkpoint_base, load_diffusion_parts,
+                              random_parts)
 from fair_core.tiny import byte_level_tokenizer, tiny_scheduler, tiny_sd15, tiny_text_config, tiny_vae
 
 # ---------------------------------------------------------------- diffusers -> original (LDM) key names
@@ -206,17 +207,13 @@ def test_sdxl_second_tokenizer_pads_with_exclamation_mark():
 ])
 def test_shipped_configs_build_the_published_architectures(base, unet_params, text_params):
     """Parameter counts of the released SD1.5 / SDXL base models (built on the meta device, no weights)."""
-    folder = CONFIG_DIR / base
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
-        if base == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+    parts = random_parts(base, "meta")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(unet) == unet_params
-    assert count(vae) == 83_653_863
-    assert [count(e) for e in encoders] == text_params
+    assert count(parts.unet) == unet_params
+    assert count(parts.vae) == 83_653_863
+    assert [count(e) for e in parts.text_encoders] == text_params
+    assert parts.base == base and len(parts.tokenizers) == len(text_params)
+    assert parts.scheduler.config.algorithm_type == "dpmsolver++" and parts.scheduler.config.solver_order == 2
 
 
 # ---------------------------------------------------------------- single-file checkpoints
