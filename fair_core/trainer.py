@@ -119,12 +119,7 @@ class FairTrainer:
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
         self.preservation = preservation
         self.extra_losses = list(extra_losses)
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision,
-            log_with=config.log_with or None,
-            project_dir=config.output_dir,
-            cpu=config.device == "cpu",
-        )
+        self.accelerator = accelerator or make_accelerator(config)
         world = self.accelerator.num_processes
         if config.images_per_prompt % world:
             raise ValueError(f"images_per_prompt={config.images_per_prompt} must be divisible by the {world} processes")
@@ -487,6 +482,14 @@ class FairTrainer:
         finally:
             self.ema.restore(self.parameters)
         return path
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's accelerate state: its device (``cuda:<local rank>`` under ``accelerate launch``, the CPU
+    with ``device: cpu``), mixed precision and tracker. Build it before the models when they must be loaded
+    onto its device, and hand it to :class:`FairTrainer`."""
+    return Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with or None,
+                       project_dir=config.output_dir, cpu=config.device == "cpu")
 
 
 def latest_checkpoints(output_dir: Path) -> list[Path]:

@@ -41,17 +41,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         return 0
-    from accelerate import PartialState
-
     from fair_core.run_setup import load_training_setup
-    from fair_core.trainer import FairTrainer
+    from fair_core.trainer import FairTrainer, make_accelerator
 
-    # The device accelerate gives this process (cuda:<local rank> under `accelerate launch`): the scorer
-    # and the preservation encoders must sit where the trainer puts the diffusion model.
-    device = PartialState(cpu=config.device == "cpu").device
-    setup = load_training_setup(config, device=str(device))
+    # The scorer and the preservation encoders must sit where the trainer puts the diffusion model.
+    accelerator = make_accelerator(config)
+    setup = load_training_setup(config, device=str(accelerator.device))
     trainer = FairTrainer(config, setup.parts, setup.scorer, setup.target, setup.train_prompts, setup.val_prompts,
-                          preservation=setup.preservation)
+                          accelerator=accelerator, preservation=setup.preservation)
     result = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
         print(f"adaptor: {result.adaptor_path}  ({result.state.iteration} iterations, "
