@@ -48,8 +48,8 @@ class DemoSettings:
     one class in at least this fraction of the sampled target counts. With 24 crisply red or blue images,
     the paper's 0.8 gives no image a corrective target until 15 of the 24 share a colour (the sampled
     counts themselves spread by +-2.4 images), so a lean of up to 0.08 per occupation is never corrected;
-    0.6 starts correcting at 13-14 (tests/test_alignment.py; README, "dead zone"). Measured over seeds 0-4: colour bias 0.30 on average
-    with 0.8, 0.18 with 0.6."""
+    0.6 starts correcting at 13-14 (tests/test_alignment.py; README, "dead zone"). Measured over seeds 0-4:
+    colour bias 0.30 on average with 0.8, 0.18 with 0.6."""
     keep: tuple[str, ...] | None = None
     """Attributes to keep as the frozen model draws them (trainer ``keep``); None: every toy attribute
     outside the target (the shape, for a colour-only target)."""
