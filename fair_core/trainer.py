@@ -429,7 +429,8 @@ class FairTrainer:
                 latest_bias = _headline(summary)
                 accelerator.log({f"val/{k}": v for k, v in _flat_numbers(summary).items()}, step=self.state.iteration)
                 self.state.history.append({"iteration": self.state.iteration, "validation": summary})
-            progress.set_postfix(loss=f"{record['loss']:.3f}", bias=latest_bias, skipped=self.state.skipped_steps)
+            # val_bias: from the latest validation (every validate_every iterations), not from this iteration's batch
+            progress.set_postfix(loss=f"{record['loss']:.3f}", val_bias=latest_bias, skipped=self.state.skipped_steps)
             if on_iteration is not None:
                 on_iteration(iteration, record)
             if self.state.iteration % config.checkpoint_every == 0 or self.state.iteration == config.iterations:
