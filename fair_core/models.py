@@ -169,13 +169,12 @@ def random_parts(base: str, device: torch.device | str = "cpu") -> DiffusionPart
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        second = {}
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
         if base == "sdxl":
-            second = {"text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
-                      "tokenizer_2": _config_tokenizer(folder / "tokenizer_2", "!")}
-    return DiffusionParts(unet, vae, text_encoder, _config_tokenizer(folder / "tokenizer", CLIP_EOS),
-                          _training_scheduler(folder), **second, base=base)
+            second_config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(second_config)
+    return DiffusionParts(unet=unet, vae=vae, scheduler=_training_scheduler(folder), **encoders,
+                          **_config_tokenizers(folder, base), base=base)
 
 
 def detect_checkpoint_base(keys: set[str] | list[str], name: str = "checkpoint") -> str:
@@ -233,9 +232,7 @@ def _load_single_file(path: Path, base: str | None, dtype: torch.dtype, config: 
         raise ValueError(f"{path.name} has a UNet with {in_channels} input channels (an inpainting model?); "
                          f"{detected} expects {unet_config['in_channels']}")
 
-    tokenizers = {"tokenizer": _config_tokenizer(config_dir / "tokenizer", CLIP_EOS)}
-    if detected == "sdxl":
-        tokenizers["tokenizer_2"] = _config_tokenizer(config_dir / "tokenizer_2", "!")
+    tokenizers = _config_tokenizers(config_dir, detected)
     # Imported here: the pipeline modules add seconds to `import fair_core.models`, and only single files need them.
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
@@ -256,6 +253,14 @@ def _load_single_file(path: Path, base: str | None, dtype: torch.dtype, config: 
     parts = DiffusionParts(**{name: getattr(pipe, name, None) for name in _COMPONENTS}, base=detected)
     _check_fully_loaded(parts, path.name)
     return parts
+
+
+def _config_tokenizers(config_dir: Path, base: str) -> dict[str, CLIPTokenizer]:
+    """``tokenizer`` (and for SDXL ``tokenizer_2``, which pads with "!") from a model config folder."""
+    tokenizers = {"tokenizer": _config_tokenizer(config_dir / "tokenizer", CLIP_EOS)}
+    if base == "sdxl":
+        tokenizers["tokenizer_2"] = _config_tokenizer(config_dir / "tokenizer_2", "!")
+    return tokenizers
 
 
 def _config_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
