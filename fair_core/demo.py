@@ -24,7 +24,7 @@ from fair_core.metrics import class_frequencies, total_variation
 from fair_core.plots import distribution_chart, save_image_grid
 from fair_core.evaluation import EvalSettings, generate_and_score, summarise_variants
 from fair_core.scoring import AttributeScorer
-from fair_core.targets import TargetDistribution
+from fair_core.targets import Attribute, TargetDistribution
 from fair_core.train_config import TrainConfig
 from fair_core.trainable import SoftPrompt
 from fair_core.trainer import FairTrainer
@@ -42,14 +42,14 @@ class DemoSettings:
     lora_rank: int = 8
     preservation_weight: float = 0.0
     """lambda_img of the toy world's colour-blind preservation loss; 0 turns it off. Measured with keep
-    weight 2-3: 0.25-0.5 holds the shapes better but the colour moves less (README)."""
+    weight 2-3: 0.25-0.5 holds the shapes better but the colour moves less (docs/toyworld-experiments.md)."""
     confidence_threshold: float = 0.6
     """C of the alignment loss: an image gets a target where the optimal-transport assignment sends it to
     one class in at least this fraction of the sampled target counts. With 24 crisply red or blue images,
     the paper's 0.8 gives no image a corrective target until 15 of the 24 share a colour (the sampled
     counts themselves spread by +-2.4 images), so a lean of up to 0.08 per occupation is never corrected;
-    0.6 starts correcting at 13-14 (tests/test_alignment.py; README, "dead zone"). Measured over seeds 0-4:
-    colour bias 0.30 on average with 0.8, 0.18 with 0.6."""
+    0.6 starts correcting at 13-14 (tests/test_alignment.py; docs/toyworld-experiments.md, "dead zone").
+    Measured over seeds 0-4: colour bias 0.30 on average with 0.8, 0.18 with 0.6."""
     keep: tuple[str, ...] | None = None
     """Attributes to keep as the frozen model draws them (trainer ``keep``); None: every toy attribute
     outside the target (the shape, for a colour-only target)."""
@@ -169,25 +169,9 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     before, after = summary["summaries"]["base"], summary["summaries"][adaptor_path.stem]
     change = summary["changes"][adaptor_path.stem]
 
-    figures: dict[str, Any] = {"target": target.to_json(), "attributes": {}}
-    for attribute in world.schema.values():
-        classes = len(attribute.classes)
-        shares_before = _prompt_shares(before_records, attribute.name, classes)
-        shares_after = _prompt_shares(after_records, attribute.name, classes)
-        moved = [float(total_variation(shares_before[p], shares_after[p])) for p in prompts]
-        entry = {"classes": list(attribute.classes), "targeted": attribute.name in target.names,
-                 "before": np.mean([shares_before[p] for p in prompts], axis=0).tolist(),
-                 "after": np.mean([shares_after[p] for p in prompts], axis=0).tolist(),
-                 "moved_tv_per_prompt": dict(zip(prompts, moved)), "moved_tv": float(np.mean(moved))}
-        if attribute.name in target.names:
-            entry["target"] = target.marginal(attribute.name).tolist()
-            entry["distance_after_tv"] = after["overall"]["groups"][attribute.name]["distance"]["estimate"]  # mean over prompts
-            per_prompt = {when: [s["prompts"][p]["groups"][attribute.name]["frequencies"]["estimate"][0] for p in prompts]
-                          for when, s in (("before", before), ("after", after))}
-            per_prompt["target"] = [entry["target"][0]] * len(prompts)
-            distribution_chart(out / f"chart_{attribute.name}.png", [p.split()[-1] for p in prompts], per_prompt,
-                               title=f"share of {attribute.classes[0]} per held-out occupation (evaluation classifier)")
-        figures["attributes"][attribute.name] = entry
+    figures: dict[str, Any] = {"target": target.to_json(), "attributes": {
+        attribute.name: _attribute_figures(attribute, target, prompts, (before_records, after_records), (before, after), out)
+        for attribute in world.schema.values()}}
     moved = torch.cat([content_change(before_images[p], after_images[p]) for p in prompts])
     figures["content_change"] = {"position_px": float(moved[:, 0].mean()), "size_px": float(moved[:, 1].mean()),
                                  "background": float(moved[:, 2].mean())}
@@ -206,6 +190,30 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         f"{out / 'heldout_prompts.txt'} --classifier toy --images-per-prompt {settings.eval_images_per_prompt} "
         f"--steps {settings.eval_steps} --guidance {settings.guidance_scale} --batch-size {settings.eval_batch_size} --seed {settings.seed} --target '{settings.target}' --out {out / 'eval'}")
     return figures
+
+
+def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts: Sequence[str], records: tuple[list, list],
+                       summaries: tuple[dict, dict], out: Path) -> dict[str, Any]:
+    """One attribute's entry of ``summary.json``: class shares before/after (mean over ``prompts``) and how far
+    each prompt's distribution moved (TV); for a targeted attribute also its target, the distance to it after,
+    and ``chart_<name>.png`` (share of the first class per prompt: before / after / target)."""
+    classes = len(attribute.classes)
+    shares_before, shares_after = (_prompt_shares(r, attribute.name, classes) for r in records)
+    moved = [float(total_variation(shares_before[p], shares_after[p])) for p in prompts]
+    entry = {"classes": list(attribute.classes), "targeted": attribute.name in target.names,
+             "before": np.mean([shares_before[p] for p in prompts], axis=0).tolist(),
+             "after": np.mean([shares_after[p] for p in prompts], axis=0).tolist(),
+             "moved_tv_per_prompt": dict(zip(prompts, moved)), "moved_tv": float(np.mean(moved))}
+    if entry["targeted"]:
+        before, after = summaries
+        entry["target"] = target.marginal(attribute.name).tolist()
+        entry["distance_after_tv"] = after["overall"]["groups"][attribute.name]["distance"]["estimate"]  # mean over prompts
+        per_prompt = {when: [s["prompts"][p]["groups"][attribute.name]["frequencies"]["estimate"][0] for p in prompts]
+                      for when, s in (("before", before), ("after", after))}
+        per_prompt["target"] = [entry["target"][0]] * len(prompts)
+        distribution_chart(out / f"chart_{attribute.name}.png", [p.split()[-1] for p in prompts], per_prompt,
+                           title=f"share of {attribute.classes[0]} per held-out occupation (evaluation classifier)")
+    return entry
 
 
 def _headline(figures: dict, target_names: Sequence[str]) -> str:
