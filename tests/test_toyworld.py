@@ -228,6 +228,17 @@ def test_depth_sweep_runs_end_to_end(tmp_path):
         run_depth_sweep(depths=(1,), steps=1)
 
 
+def test_depth_sweep_command_passes_its_settings_through(tmp_path, capsys):
+    from train_cli.main import main
+
+    code = main(["demo", "depth-sweep", "--depths", "2,1", "--train-steps", "2", "--sweep-images", "3", "--out", str(tmp_path)])
+    assert code == 0
+    settings = json.loads((tmp_path / "depth_sweep.json").read_text())["settings"]
+    assert (settings["depths"], settings["steps"], settings["images_per_prompt"]) == ([1, 2], 2, 3)
+    assert "reference" in capsys.readouterr().out
+    assert main(["demo", "depth-sweep", "--depths", "1,deep"]) == 2
+
+
 def test_colour_blind_preservation_frees_colour_and_holds_content():
     from fair_core.toyworld.preservation import ColourBlindPreservationLoss
     from fair_core.toyworld.world import draw_figures
