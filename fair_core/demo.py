@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fair_core.adaptor import apply_adaptor, read_adaptor, soft_prompt_of
+from fair_core.adaptor import apply_adaptor_to_parts, read_adaptor
 from fair_core.losses import load_preservation_loss
 from fair_core.metrics import class_frequencies, total_variation
 from fair_core.plots import distribution_chart, save_image_grid
@@ -159,10 +159,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
 
     after_world = load_toy_world()
     after_parts = after_world.parts()
-    adaptor = read_adaptor(adaptor_path, expected_base="toy")
-    apply_adaptor(adaptor, unet=after_parts.unet, text_encoders={"te": after_parts.text_encoder})
-    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after",
-                                            soft_prompt_of(adaptor, ("te",)))
+    soft_prompt = apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base="toy"), after_parts)
+    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after", soft_prompt)
 
     variants = {"base": before_records, adaptor_path.stem: after_records}
     summary = summarise_variants(variants, target, seed=settings.seed)

@@ -454,14 +454,13 @@ class FairTrainer:
     # ------------------------------------------------------------------ export
     def export(self, before: dict | None, after: dict | None) -> Path:
         """Write the EMA weights as the fair adaptor ``<output_dir>/<output_name>.safetensors``."""
-        from fair_core.adaptor import FairMetadata, SoftTokens, write_adaptor
+        from fair_core.adaptor import FairMetadata, SoftTokens, text_encoders_by_family, write_adaptor
 
         self.ema.store(self.parameters)
         self.ema.copy_to(self.parameters)
         try:
             parts = self.parts
-            families = ("te",) if parts.text_encoder_2 is None else ("te1", "te2")
-            encoders = dict(zip(families, parts.text_encoders))
+            encoders = text_encoders_by_family(parts)
             identity = getattr(self.scorer, "identity", None) or {}
             metadata = FairMetadata(
                 base_model=parts.base, name=self.config.output_name, sd_model_name=self.config.model,
@@ -471,7 +470,7 @@ class FairTrainer:
             )
             tokens = []
             if self.soft_prompt is not None:
-                vectors = {f: e.detach().cpu().float() for f, e in zip(families, self.soft_prompt.embeddings)}
+                vectors = {f: e.detach().cpu().float() for f, e in zip(encoders, self.soft_prompt.embeddings)}
                 tokens = [SoftTokens(self.config.output_name, vectors)]
             path = self.output_dir / f"{self.config.output_name}.safetensors"
             write_adaptor(

@@ -23,6 +23,7 @@ from fair_core.adaptor import (
     merge_adaptor,
     read_adaptor,
     save_adaptor,
+    text_encoders_by_family,
     write_adaptor,
 )
 from fair_core.tiny import tiny_sd15, tiny_sdxl
@@ -388,6 +389,17 @@ def test_soft_tokens_round_trip_and_land_in_the_embedding_table(base, tmp_path):
         assert new_ids == tokenizers[family].convert_tokens_to_ids(prompts["fairtoken"].split())
         assert min(new_ids) >= 516  # appended after the tiny vocabulary
         assert torch.equal(encoder.get_input_embeddings().weight[new_ids], vectors[family])
+
+
+def test_text_encoders_are_keyed_by_the_adaptor_families_of_the_base():
+    from fair_core.models import DiffusionParts
+
+    sdxl = DiffusionParts(**vars(tiny_sdxl()), base="sdxl")
+    assert text_encoders_by_family(sdxl) == {"te1": sdxl.text_encoder, "te2": sdxl.text_encoder_2}
+    sd15 = DiffusionParts(**vars(tiny_sd15()), base="sd15")
+    assert text_encoders_by_family(sd15) == {"te": sd15.text_encoder}
+    with pytest.raises(AdaptorError, match="'sd15' model with 2 text encoder"):
+        text_encoders_by_family(DiffusionParts(**vars(tiny_sdxl()), base="sd15"))
 
 
 def test_sdxl_tokens_need_both_encoders(tmp_path):

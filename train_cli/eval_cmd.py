@@ -59,7 +59,7 @@ def _parts_loader(model: str, device: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fair_core.adaptor import apply_adaptor, read_adaptor, soft_prompt_of
+    from fair_core.adaptor import apply_adaptor_to_parts, read_adaptor
     from fair_core.classifiers.metadata import file_identity
     from fair_core.eval_report import write_paired_grids, write_report
     from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, score_image_folder,
@@ -91,12 +91,9 @@ def _run(args: argparse.Namespace) -> int:
                      f"{args.steps} steps, guidance {args.guidance}")
         for adaptor_path in [None, *args.adaptor]:
             parts = load_parts()
-            families = ("te",) if parts.text_encoder_2 is None else ("te1", "te2")
             name, soft_prompt, identity = "base", None, {"model": args.model, **classifier_identity}
             if adaptor_path is not None:
-                adaptor = read_adaptor(adaptor_path, expected_base=parts.base)
-                apply_adaptor(adaptor, unet=parts.unet, text_encoders=dict(zip(families, parts.text_encoders)))
-                soft_prompt = soft_prompt_of(adaptor, families)
+                soft_prompt = apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base=parts.base), parts)
                 name = Path(adaptor_path).stem
                 identity["adaptor_sha256"] = file_identity(adaptor_path)["sha256"]
             if name in variants:

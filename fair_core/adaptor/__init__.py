@@ -12,7 +12,8 @@ Pieces, each with one job:
 * :mod:`~fair_core.adaptor.paper`: the released ``.pth`` checkpoints of Shen et al. -> :class:`FairAdaptor`.
 """
 
-from fair_core.adaptor.applier import add_soft_tokens, apply_adaptor, merge_adaptor, soft_prompt_of
+from fair_core.adaptor.applier import (add_soft_tokens, apply_adaptor, apply_adaptor_to_parts, merge_adaptor, soft_prompt_of,
+                                      text_encoders_by_family)
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata
@@ -34,12 +35,14 @@ __all__ = [
     "add_soft_tokens",
     "soft_prompt_of",
     "apply_adaptor",
+    "apply_adaptor_to_parts",
     "convert_paper_checkpoints",
     "lora_from_model",
     "lora_prefix",
     "merge_adaptor",
     "read_adaptor",
     "save_adaptor",
+    "text_encoders_by_family",
     "validate_adaptor",
     "write_adaptor",
 ]

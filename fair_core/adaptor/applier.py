@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -20,8 +20,11 @@ from torch import nn
 
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError, list_some
-from fair_core.adaptor.naming import family_of_prefix, prefixes_of_modules
+from fair_core.adaptor.naming import TEXT_ENCODER_FAMILIES, family_of_prefix, prefixes_of_modules
 from fair_core.trainable import SoftPrompt
+
+if TYPE_CHECKING:
+    from fair_core.models import DiffusionParts
 
 
 @dataclass
@@ -72,6 +75,23 @@ def apply_adaptor(
                 layer.lora_A[adapter_name].weight.copy_(target.weights.down)
                 layer.lora_B[adapter_name].weight.copy_(target.weights.up)
                 layer.set_scale(adapter_name, strength)
+
+
+def text_encoders_by_family(parts: DiffusionParts) -> dict[str, nn.Module]:
+    """The parts' text encoders keyed by adaptor family: ``{"te": ...}`` (SD1.x, toy) or ``{"te1": ..., "te2": ...}`` (SDXL)."""
+    families = TEXT_ENCODER_FAMILIES.get(parts.base)
+    if families is None or len(families) != len(parts.text_encoders):
+        raise AdaptorError(f"no adaptor families for a {parts.base!r} model with {len(parts.text_encoders)} text encoder(s)")
+    return dict(zip(families, parts.text_encoders))
+
+
+def apply_adaptor_to_parts(adaptor: FairAdaptor, parts: DiffusionParts, strength: float = 1.0) -> SoftPrompt | None:
+    """:func:`apply_adaptor` on the parts' UNet and text encoders; returns the adaptor's soft tokens as the sampler
+    takes them (:func:`soft_prompt_of`), None when it has none. Generating with the returned soft prompt reproduces
+    what the trainer validated."""
+    encoders = text_encoders_by_family(parts)
+    apply_adaptor(adaptor, unet=parts.unet, text_encoders=encoders, strength=strength)
+    return soft_prompt_of(adaptor, tuple(encoders))
 
 
 def merge_adaptor(
