@@ -107,6 +107,7 @@ def run_depth_sweep(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 20,
     classifier_path: str | Path | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train one denoiser per depth on the same biased data, sample shared seeds, compare minority shares.
 
@@ -118,6 +119,7 @@ def run_depth_sweep(
         images_per_prompt: generated images per occupation (seeds ``0..images_per_prompt-1``).
         out_dir: if given, the result is also written to ``out_dir/depth_sweep.json``.
         classifier_path: colour classifier file (default: the shipped evaluation classifier).
+        progress: a tqdm bar per depth's training (the longest part: thousands of steps take an hour on 2 cores).
 
     Returns:
         JSON-ready dict: the settings, and per depth ``pooled`` and ``per_occupation`` shares and
@@ -143,7 +145,8 @@ def run_depth_sweep(
         text_encoder = build_text_encoder(tokenizer)
         unet = build_unet(layers_per_block=depth)
         start = time.perf_counter()
-        train_denoiser(data, unet, text_encoder, tokenizer, steps, seed, batch_size=batch_size, progress=False)
+        train_denoiser(data, unet, text_encoder, tokenizer, steps, seed, batch_size=batch_size, progress=progress,
+                       description=f"depth {depth}")
         train_seconds = time.perf_counter() - start
         images = generate(unet, text_encoder, tokenizer, prompts, seeds, num_inference_steps, guidance_scale)
         minority = _is_minority(predict(classifier, images)[:, 0].numpy(), generated_occupations)

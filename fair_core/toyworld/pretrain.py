@@ -130,6 +130,7 @@ def train_denoiser(
     ema_decay: float = 0.998,
     progress: bool = True,
     named_data: Mapping[tuple[str, ...], WorldSample] | None = None,
+    description: str = "denoiser",
 ) -> None:
     """Train ``unet`` and ``text_encoder`` together, in place, on ``data``; they end holding the EMA weights.
 
@@ -138,7 +139,7 @@ def train_denoiser(
     generator seeded with ``seed``, so two calls with the same data and seed see identical batches
     whatever the UNet's depth. With ``named_data`` (from :func:`named_world`, the same occupations and
     size as ``data``), an image whose caption names attributes is taken from the set where those are
-    balanced, at the same index (so the same occupation).
+    balanced, at the same index (so the same occupation). ``progress`` shows a tqdm bar labelled ``description``.
     """
     generator = torch.Generator().manual_seed(int(seed))
     noise_scheduler = training_scheduler()
@@ -149,7 +150,7 @@ def train_denoiser(
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10 + 1), steps)
     ema = EMAModel(parameters, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
-    for _ in tqdm(range(steps), desc="denoiser", disable=not progress):
+    for _ in tqdm(range(steps), desc=description, disable=not progress):
         images, captions = draw_batch(data, batch_size, generator, named_data)
         noise = torch.randn(images.shape, generator=generator)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
