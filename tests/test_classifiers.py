@@ -189,6 +189,11 @@ def write_png(path, colour, mode="RGB"):
     Image.new(mode, (8, 8), colour).save(path)
 
 
+def test_cli_pretrained_refuses_age_cuts_that_are_not_whole_years(tmp_path, capsys):
+    assert main(["classifier", "pretrained", "-o", str(tmp_path), "--age-cuts", "40,old"]) == 2
+    assert "--age-cuts must be comma-separated whole years" in capsys.readouterr().err
+
+
 def test_read_folder_infers_schema_attribute(tmp_path):
     for cls in ("male", "female"):
         for i in range(2):

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from fair_core.classifiers.metadata import ClassifierSpec, FaceCropSpec
+from train_cli.arguments import parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,11 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_pretrained(args: argparse.Namespace) -> int:
     from fair_core.classifiers.pretrained import write_pretrained
 
-    try:
-        cuts = [int(c) for c in args.age_cuts.split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"--age-cuts must be comma-separated whole years, got {args.age_cuts!r}") from None
-    for path in write_pretrained(args.output, cuts):
+    for path in write_pretrained(args.output, parse_int_list(args.age_cuts, "--age-cuts", "whole years")):
         print(f"wrote {path}")
     return 0
 

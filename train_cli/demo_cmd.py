@@ -7,6 +7,7 @@ import inspect
 
 from fair_core.demo import DemoSettings
 from fair_core.toyworld.depth_sweep import format_depth_sweep, run_depth_sweep
+from train_cli.arguments import parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.mode == "depth-sweep":
         out = args.out or "reports/depth-sweep"
-        depths = _parse_depths(args.depths)
+        depths = parse_int_list(args.depths, "--depths")
         print(format_depth_sweep(run_depth_sweep(depths=depths, steps=args.train_steps, images_per_prompt=args.sweep_images,
                                                  out_dir=out, seed=args.seed)))
         print(f"[depth-sweep] wrote {out}/depth_sweep.json")
@@ -64,10 +65,3 @@ def _run(args: argparse.Namespace) -> int:
     )
     run_demo(settings)
     return 0
-
-
-def _parse_depths(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--depths: comma-separated integers, got {text!r}") from None
