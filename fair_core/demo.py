@@ -167,8 +167,9 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     before, after = summary["summaries"]["base"], summary["summaries"][adaptor_path.stem]
     change = summary["changes"][adaptor_path.stem]
 
+    records = (before_records, after_records)
     figures: dict[str, Any] = {"target": target.to_json(), "attributes": {
-        attribute.name: _attribute_figures(attribute, target, prompts, (before_records, after_records), (before, after), out)
+        attribute.name: _attribute_figures(attribute, target, prompts, records, (before, after), out)
         for attribute in world.schema.values()}}
     moved = torch.cat([content_change(before_images[p], after_images[p]) for p in prompts])
     figures["content_change"] = {"position_px": float(moved[:, 0].mean()), "size_px": float(moved[:, 1].mean()),
@@ -190,8 +191,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     return figures
 
 
-def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts: Sequence[str], records: tuple[list, list],
-                       summaries: tuple[dict, dict], out: Path) -> dict[str, Any]:
+def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts: Sequence[str],
+                       records: tuple[list, list], summaries: tuple[dict, dict], out: Path) -> dict[str, Any]:
     """One attribute's entry of ``summary.json``: class shares before/after (mean over ``prompts``) and how far
     each prompt's distribution moved (TV); for a targeted attribute also its target, the distance to it after,
     and ``chart_<name>.png`` (share of the first class per prompt: before / after / target)."""

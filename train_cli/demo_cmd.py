@@ -39,11 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="report folder (default reports/demo or reports/depth-sweep)")
     sweep = parser.add_argument_group("depth-sweep")
-    sweep.add_argument("--depths", default=",".join(map(str, sweep_defaults["depths"])), help="UNet layers_per_block values to compare, comma-separated")
+    sweep.add_argument("--depths", default=",".join(map(str, sweep_defaults["depths"])),
+                       help="UNet layers_per_block values to compare, comma-separated")
     sweep.add_argument("--train-steps", type=int, default=sweep_defaults["steps"],
                        help="training steps per depth; the default (~10 min on 2 cores for three depths) leaves the "
                             "models under-trained, claims about amplification need thousands")
-    sweep.add_argument("--sweep-images", type=int, default=sweep_defaults["images_per_prompt"], help="generated images per occupation and depth")
+    sweep.add_argument("--sweep-images", type=int, default=sweep_defaults["images_per_prompt"],
+                       help="generated images per occupation and depth")
     parser.set_defaults(func=_run)
 
 
@@ -51,8 +53,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "depth-sweep":
         out = args.out or "reports/depth-sweep"
         depths = parse_int_list(args.depths, "--depths")
-        print(format_depth_sweep(run_depth_sweep(depths=depths, steps=args.train_steps, images_per_prompt=args.sweep_images,
-                                                 out_dir=out, seed=args.seed)))
+        summary = run_depth_sweep(depths=depths, steps=args.train_steps, images_per_prompt=args.sweep_images,
+                                  out_dir=out, seed=args.seed)
+        print(format_depth_sweep(summary))
         print(f"[depth-sweep] wrote {out}/depth_sweep.json")
         return 0
     from fair_core.demo import run_demo

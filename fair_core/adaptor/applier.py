@@ -78,7 +78,8 @@ def apply_adaptor(
 
 
 def text_encoders_by_family(parts: DiffusionParts) -> dict[str, nn.Module]:
-    """The parts' text encoders keyed by adaptor family: ``{"te": ...}`` (SD1.x, toy) or ``{"te1": ..., "te2": ...}`` (SDXL)."""
+    """The parts' text encoders keyed by adaptor family: ``{"te": ...}`` (SD1.x, toy) or ``{"te1": ..., "te2": ...}``
+    (SDXL)."""
     families = TEXT_ENCODER_FAMILIES.get(parts.base)
     if families is None or len(families) != len(parts.text_encoders):
         raise AdaptorError(f"no adaptor families for a {parts.base!r} model with {len(parts.text_encoders)} text encoder(s)")
