@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
@@ -53,7 +53,9 @@ def _add_lora(model: nn.Module, rank: int, alpha: float, target_modules: Sequenc
     model.requires_grad_(False)
     # "gaussian": down ~ N(0, 1/rank^2), up = 0, the init of the paper's diffusers-0.19 LoRA layers.
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
-    model.add_adapter(config, adapter_name=ADAPTER_NAME)
+    # peft's own injection, not transformers' add_adapter: transformers >= 5.24 refuses every peft release
+    # before 0.22 there, and host applications pin their own transformers/peft pair.
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     cast_adapter_dtype(model, ADAPTER_NAME)  # fp32 LoRA on an fp16/bf16 model
     return [p for p in model.parameters() if p.requires_grad]
 

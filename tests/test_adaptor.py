@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
@@ -56,7 +56,7 @@ def lora_models(base, unet_config, text_config):
     parts.unet.add_adapter(unet_config, adapter_name="trained")
     randomise_lora(parts.unet, 1)
     for i, encoder in enumerate(text_encoders(parts, base).values()):
-        encoder.add_adapter(text_config, adapter_name="trained")
+        inject_adapter_in_model(text_config, encoder, adapter_name="trained")
         randomise_lora(encoder, 2 + i)
     return parts
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from fair_core.adaptor import FairMetadata, read_adaptor, write_adaptor
@@ -28,7 +28,8 @@ def adaptor_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adaptors")
     sd15 = tiny_sd15()
     sd15.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    sd15.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "fc1"]))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "fc1"]),
+                            sd15.text_encoder)
     metadata = FairMetadata(
         name="fair-sd15", target=TargetDistribution.parse("gender=female:0.5,male:0.5"),
         classifier={"name": "tiny-classifier", "sha256": "0123456789abcdef" * 4},

@@ -114,13 +114,13 @@ def test_classifier_without_metadata_is_a_clear_error(tmp_path, capsys):
 
 
 def test_adaptor_for_another_base_is_a_clear_error(prompt_file, tmp_path, capsys):
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     from fair_core.adaptor import FairMetadata, write_adaptor
     from fair_core.tiny import tiny_sd15
 
     parts = tiny_sd15()
-    parts.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="trained")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), parts.text_encoder, adapter_name="trained")
     path = tmp_path / "sd15_adaptor.safetensors"
     write_adaptor(path, text_encoders={"te": parts.text_encoder}, metadata=FairMetadata())
     assert run(prompt_file, tmp_path / "o", ["--adaptor", str(path)]) == 2

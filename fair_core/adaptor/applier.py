@@ -65,10 +65,7 @@ def apply_adaptor(
             raise AdaptorError(f"the model already has a LoRA adapter named {adapter_name!r}")
     for model, targets in resolved:
         config = _lora_config(targets)
-        if hasattr(model, "add_adapter"):  # diffusers/transformers models: keeps their adapter bookkeeping
-            model.add_adapter(config, adapter_name=adapter_name)
-        else:
-            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)  # as fair_core.trainable does
         with torch.no_grad():
             for target in targets:
                 layer = model.get_submodule(target.module_name)

@@ -29,7 +29,7 @@ def lora_from_model(
     """Copy the LoRA weights of every peft LoRA layer in ``model`` (CPU tensors, ``dtype`` or as stored).
 
     Args:
-        model: a diffusers UNet or transformers CLIP text model with LoRA added by ``add_adapter`` /
+        model: a diffusers UNet or transformers CLIP text model with LoRA added by
             ``peft.inject_adapter_in_model`` (or a ``PeftModel`` around one).
         family: ``"unet"``, ``"te"``, ``"te1"`` or ``"te2"``.
         adapter_name: which adapter to read; may be left out when the layers hold a single one.
