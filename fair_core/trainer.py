@@ -159,7 +159,9 @@ class FairTrainer:
         self.autocast_dtype = None if config.mixed_precision == "no" else weight_dtype
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             if module is not None:
-                module.to(self.device, dtype=weight_dtype)
+                module.to(self.device)
+                if module.dtype != weight_dtype:  # diffusers warns about every dtype passed to `to`, even a no-op
+                    module.to(dtype=weight_dtype)
         if self.soft_prompt is not None:
             self.soft_prompt.to(self.device)
         for parameter in parameters:  # trainables stay float32 under mixed precision
