@@ -26,6 +26,7 @@ from fair_core.adaptor import (
     text_encoders_by_family,
     write_adaptor,
 )
+from fair_core.adaptor.metadata import network_dim
 from fair_core.tiny import tiny_sd15, tiny_sdxl
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution
 
@@ -183,14 +184,12 @@ def test_dynamic_ranks_are_recorded_as_such(tmp_path):
 
 @pytest.mark.parametrize("strength", [0.7, -1.5])
 def test_merge_and_apply_at_strength_equal_peft_scale(strength, tmp_path):
-    """In float64, so that merged (W + dW) and unmerged (Wx + dW x) agree to rounding."""
+    """Models in float64, so that merged (W + dW) and unmerged (Wx + dW x) agree to rounding. The file holds the
+    LoRA in float32 (float64 files are refused) and float32 values are exact in float64."""
     base = "sd15"
     trained = lora_models(base, *CONFIGS[base])
     path = tmp_path / "a.safetensors"
-    write_adaptor(
-        path, unet=trained.unet, text_encoders=text_encoders(trained, base), metadata=FairMetadata(),
-        dtype=torch.float64,
-    )
+    write_adaptor(path, unet=trained.unet, text_encoders=text_encoders(trained, base), metadata=FairMetadata())
     for model in (trained.unet, trained.text_encoder):
         model.double()
         for layer in model.modules():
@@ -343,12 +342,37 @@ def test_fair_metadata_round_trips_through_the_header():
         ({"ss_base_model_version": "sd_v2"}, "unsupported base model ss_base_model_version='sd_v2'"),
         ({"fair.attributes": "[{"}, "metadata fair.attributes is not valid JSON"),
         ({"fair.format_version": "2"}, "unsupported fair.format_version '2'"),
-        ({"fair.classifier": '{"name": "x"}'}, "classifier metadata must be"),
+        ({"fair.classifier": '{"name": "x"}'}, 'metadata fair.classifier must be an object {"name": string, '
+                                               '"sha256": string}, got {"name": "x"}'),
+        ({"fair.classifier": "null"}, "metadata fair.classifier must be an object .*, got null$"),
+        ({"fair.classifier": '{"name": "x", "sha256": 5}'}, "got 5 at fair.classifier.sha256$"),
+        ({"fair.eval": "5"}, "metadata fair.eval must be a JSON object, got 5$"),
+        ({"fair.training_args": "[]"}, "metadata fair.training_args must be a JSON object, got \\[\\]$"),
+        ({"fair.attributes": '[{"name": "g", "classes": [1, 2]}]'},
+         "got \\[1, 2\\] at fair.attributes\\[0\\].classes$"),
+        ({"fair.attributes": "null"}, "metadata fair.attributes must be a list of .*, got null$"),
+        ({"fair.target_distribution": '"uniform"'},
+         'metadata fair.target_distribution must be an object .*, got "uniform"$'),
+        ({"fair.tokens": "7"}, "metadata fair.tokens must be a list of .*, got 7$"),
     ],
 )
 def test_bad_metadata_is_named(header, message):
+    """Wrong-typed fair.* values: one line naming the key, the expected type and the value."""
     with pytest.raises(AdaptorError, match=message):
         FairMetadata.from_metadata(header)
+
+
+@pytest.mark.parametrize(
+    "value, rank", [("8", 8), ("Dynamic", None), ("None", None), ("", None), ("²", "'Dynamic', got \"²\""),
+                    ("4.0", "got \"4.0\""), ("-1", "got \"-1\""), ("\u0664", "got \"\u0664\"")],
+)
+def test_network_dim_is_a_whole_number_or_dynamic(value, rank):
+    """``'²'.isdigit()`` is True but ``int('²')`` fails: the rank is parsed with one clear message."""
+    if isinstance(rank, str):
+        with pytest.raises(AdaptorError, match=f"^metadata ss_network_dim must be a whole number .*{rank}$"):
+            network_dim({"ss_network_dim": value})
+    else:
+        assert network_dim({"ss_network_dim": value}) == rank
 
 
 def test_base_model_inferred_from_key_families_without_metadata(tmp_path):

@@ -7,13 +7,16 @@ A1111 sorts LoRAs into SD1/SDXL tabs by ``ss_base_model_version``, so it is alwa
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.naming import BASES
 from fair_core.targets import Attribute, TargetDistribution, TargetError, schema_from_json
+from fair_core.terminal import escape
 
 FORMAT_VERSION = "1"
 KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "toy": "sd_v1"}
@@ -23,7 +26,16 @@ MODELSPEC_ARCHITECTURE = {
 MODELSPEC_RESOLUTION = {"sd15": "512x512", "sdxl": "1024x1024", "toy": "32x32"}
 
 # Written by the writer from the tensors themselves (see writer.tensor_metadata), not kept in FairMetadata.
-TENSOR_KEYS = ("ss_network_dim", "ss_network_alpha", "fair.tokens", "modelspec.trigger_phrase")
+# sshs_model_hash is the tensor data's hash (see checksum.py); a stale sshs_legacy_hash is dropped, never copied.
+TENSOR_KEYS = (
+    "ss_network_dim", "ss_network_alpha", "fair.tokens", "modelspec.trigger_phrase", "sshs_model_hash",
+    "sshs_legacy_hash",
+)
+# Values kohya writes for ss_network_dim / ss_network_alpha when they are not one number (str(None) when unset).
+NOT_A_NUMBER = ("", "Dynamic", "None")
+_WHOLE_NUMBER = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts '²', which int() refuses
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
 # Written by FairMetadata.to_metadata; every other header key is kept in FairMetadata.extra.
 OWN_KEYS = (
     "ss_network_module", "ss_base_model_version", "ss_v2", "ss_output_name", "ss_sd_model_name",
@@ -70,8 +82,13 @@ class FairMetadata:
             self.attributes = self.target.attributes
         self.attributes = tuple(self.attributes)
         classifier = self.classifier
-        if classifier is not None and (not isinstance(classifier, dict) or set(classifier) != {"name", "sha256"}):
-            raise AdaptorError(f"classifier metadata must be {{'name': ..., 'sha256': ...}}, got {classifier!r}")
+        if classifier is not None and (
+            not isinstance(classifier, dict) or set(classifier) != {"name", "sha256"}
+            or not all(isinstance(value, str) for value in classifier.values())
+        ):
+            raise AdaptorError(
+                f"classifier metadata must be {{'name': <string>, 'sha256': <string>}}, got {_shown(classifier)}"
+            )
 
     def to_metadata(self) -> dict[str, str]:
         """The header keys this metadata owns (everything but :data:`TENSOR_KEYS`)."""
@@ -109,21 +126,25 @@ class FairMetadata:
         version = header.get("fair.format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise AdaptorError(f"unsupported fair.format_version {version!r} (this version reads {FORMAT_VERSION!r})")
+        values = {key: _json(header, key, kind) for key, kind in FAIR_JSON_KEYS.items() if key in header}
         try:
-            attributes = tuple(schema_from_json(_json(header, "fair.attributes", [])).values())
-            target_json = _json(header, "fair.target_distribution", None)
+            attributes = tuple(schema_from_json(values.get("fair.attributes", [])).values())
+        except TargetError as error:
+            raise AdaptorError(f"metadata fair.attributes: {escape(str(error))}") from None
+        try:
+            target_json = values.get("fair.target_distribution")
             target = TargetDistribution.from_json(target_json) if target_json is not None else None
         except TargetError as error:
-            raise AdaptorError(f"metadata fair.attributes/fair.target_distribution: {error}") from None
+            raise AdaptorError(f"metadata fair.target_distribution: {escape(str(error))}") from None
         return cls(
             base_model=base_from_header(header),
             name=header.get("ss_output_name", header.get("modelspec.title", "")),
             sd_model_name=header.get("ss_sd_model_name", ""),
             attributes=attributes,
             target=target,
-            classifier=_json(header, "fair.classifier", None),
-            training_args=_json(header, "fair.training_args", {}),
-            eval=_json(header, "fair.eval", {}),
+            classifier=values.get("fair.classifier"),
+            training_args=values.get("fair.training_args", {}),
+            eval=values.get("fair.eval", {}),
             date=header.get("modelspec.date", ""),
             extra={k: v for k, v in header.items() if k not in OWN_KEYS},
         )
@@ -154,6 +175,44 @@ def base_from_header(header: Mapping[str, str]) -> str | None:
     return next(iter(claims.values()), None)
 
 
+def network_dim(header: Mapping[str, str]) -> int | None:
+    """The rank recorded as ``ss_network_dim``; None when absent or not one number (``Dynamic``, ``None``).
+
+    Raises :class:`AdaptorError` for any other value, e.g. ``'²'`` or ``'4.5'``.
+    """
+    value = header.get("ss_network_dim", "")
+    if value.strip() in NOT_A_NUMBER:
+        return None
+    if not _WHOLE_NUMBER.fullmatch(value):
+        raise AdaptorError(
+            f"metadata ss_network_dim must be a whole number (the LoRA rank) or 'Dynamic', got {_shown(value)}"
+        )
+    return int(value)
+
+
+def network_alpha(header: Mapping[str, str]) -> float | None:
+    """The alpha recorded as ``ss_network_alpha``; None when absent or not one number (``Dynamic``, ``None``).
+
+    Raises :class:`AdaptorError` for any other value, e.g. ``'abc'`` or ``'nan'``.
+    """
+    value = header.get("ss_network_alpha", "")
+    if value.strip() in NOT_A_NUMBER:
+        return None
+    if not _DECIMAL.fullmatch(value.strip()) or not math.isfinite(float(value)):
+        raise AdaptorError(f"metadata ss_network_alpha must be a finite number or 'Dynamic', got {_shown(value)}")
+    return float(value)
+
+
+def check_header_types(header: Mapping[str, str]) -> None:
+    """Raise :class:`AdaptorError` naming the key, the expected type and the value for any ``fair.*`` JSON value
+    of the wrong type and any ``ss_network_dim`` / ``ss_network_alpha`` that is not a number or ``Dynamic``."""
+    for key, kind in FAIR_JSON_KEYS.items():
+        if key in header:
+            _json(header, key, kind)
+    network_dim(header)
+    network_alpha(header)
+
+
 def _known_base(key: str, value: str, prefixes: Mapping[str, str]) -> str:
     for prefix, base in prefixes.items():
         if value.startswith(prefix):
@@ -161,10 +220,99 @@ def _known_base(key: str, value: str, prefixes: Mapping[str, str]) -> str:
     raise AdaptorError(f"unsupported base model {key}={value!r}: fair adaptors are for {' or '.join(BASES)}")
 
 
-def _json(header: Mapping[str, str], key: str, default: Any) -> Any:
-    if key not in header:
-        return default
+class _Kind:
+    """The JSON shape a ``fair.*`` value must have: ``check(value)`` gives the first wrong part, or None."""
+
+    def __init__(self, description: str, check: Callable[[Any], tuple[str, Any] | None]) -> None:
+        self.description = description
+        self.check = check
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _attribute_list(value: Any, path: str = "") -> tuple[str, Any] | None:
+    if not isinstance(value, list):
+        return path, value
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(item, dict) or not _is_text(item.get("name")):
+            return where, item
+        classes = item.get("classes")
+        if not isinstance(classes, list) or not all(map(_is_text, classes)):
+            return f"{where}.classes", classes
+    return None
+
+
+def _target(value: Any) -> tuple[str, Any] | None:
+    if not isinstance(value, dict):
+        return "", value
+    if (wrong := _attribute_list(value.get("attributes"), ".attributes")) is not None:
+        return wrong
+    joint = value.get("joint")
+    if not isinstance(joint, dict) or not all(map(_is_number, joint.values())):
+        return ".joint", joint
+    return None
+
+
+def _classifier(value: Any) -> tuple[str, Any] | None:
+    if not isinstance(value, dict) or set(value) != {"name", "sha256"}:
+        return "", value
+    return next(((f".{k}", v) for k, v in value.items() if not _is_text(v)), None)
+
+
+def _token_list(value: Any) -> tuple[str, Any] | None:
+    if not isinstance(value, list):
+        return "", value
+    wrong = (item for item in enumerate(value) if not isinstance(item[1], dict) or not _is_text(item[1].get("name")))
+    return next(((f"[{index}]", item) for index, item in wrong), None)
+
+
+def _object(value: Any) -> tuple[str, Any] | None:
+    return None if isinstance(value, dict) else ("", value)
+
+
+# The JSON-valued fair.* keys and the shape each must have.
+FAIR_JSON_KEYS: dict[str, _Kind] = {
+    "fair.attributes": _Kind('a list of {"name": string, "classes": [string, ...]}', _attribute_list),
+    "fair.target_distribution": _Kind(
+        'an object {"attributes": [{"name": string, "classes": [string, ...]}, ...], "joint": {string: number}}',
+        _target,
+    ),
+    "fair.classifier": _Kind('an object {"name": string, "sha256": string}', _classifier),
+    "fair.training_args": _Kind("a JSON object", _object),
+    "fair.eval": _Kind("a JSON object", _object),
+    "fair.tokens": _Kind('a list of {"name": string, ...}', _token_list),
+}
+
+
+def _json(header: Mapping[str, str], key: str, kind: _Kind) -> Any:
+    """The JSON value of ``header[key]``, checked against ``kind``; :class:`AdaptorError` naming the key, the
+    expected type and the value otherwise."""
     try:
-        return json.loads(header[key])
-    except json.JSONDecodeError as error:
-        raise AdaptorError(f"metadata {key} is not valid JSON ({error.msg} at position {error.pos})") from None
+        value = json.loads(header[key])
+    except (json.JSONDecodeError, RecursionError) as error:
+        where = f" ({error.msg} at position {error.pos})" if isinstance(error, json.JSONDecodeError) else ""
+        raise AdaptorError(f"metadata {key} is not valid JSON{where}: {_shown(header[key])}") from None
+    wrong = kind.check(value)
+    if wrong is not None:
+        path, part = wrong
+        raise AdaptorError(f"metadata {key} must be {kind.description}, got {_shown(part)}" + (
+            f" at {key}{path}" if path else ""
+        ))
+    return value
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value for a one-line message: JSON (``null``, ``5``, ``"text"``), escaped, cut at ``limit`` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return escape(text)

@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from fair_core.adaptor.checksum import HASH_KEY, check_content_hash, data_sha256, tensors_sha256
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata
@@ -115,11 +116,14 @@ def adaptor_state_dict(adaptor: FairAdaptor) -> dict[str, torch.Tensor]:
 
 def save_adaptor(adaptor: FairAdaptor, path: str | Path) -> Path:
     """Validate ``adaptor`` and write it to ``path`` atomically (temporary file in the same folder, fsync,
-    ``os.replace``): readers never see a half-written file, and a failed write leaves any old file intact."""
+    ``os.replace``): readers never see a half-written file, and a failed write leaves any old file intact.
+
+    The header carries kohya's ``sshs_model_hash`` of the tensor data (see :mod:`~fair_core.adaptor.checksum`),
+    checked against the written file before it replaces ``path``."""
     validate_adaptor(adaptor)
     path = Path(path)
-    header = adaptor.metadata.to_metadata() | tensor_metadata(adaptor)
     tensors = adaptor_state_dict(adaptor)
+    header = adaptor.metadata.to_metadata() | tensor_metadata(adaptor) | {HASH_KEY: tensors_sha256(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -127,6 +131,8 @@ def save_adaptor(adaptor: FairAdaptor, path: str | Path) -> Path:
         save_file(tensors, temporary, metadata=header)
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
+            file.seek(0)
+            check_content_hash(header, data_sha256(file.read()), path.name)
         os.chmod(temporary, 0o644)  # mkstemp makes it 0600; model folders are shared with the UI's process
         os.replace(temporary, path)
     except BaseException:
