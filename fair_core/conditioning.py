@@ -16,7 +16,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from fair_core.models import DiffusionParts
-from fair_core.trainable import SoftPrompt
+from fair_core.soft_prompt import SoftPrompt
 
 
 @dataclass
@@ -63,23 +63,25 @@ class Conditioning:
 def encode_prompts(
     parts: DiffusionParts,
     prompts: Sequence[str],
-    soft_prompt: SoftPrompt | None = None,
     image_size: tuple[int, int] | None = None,
+    *,
+    with_soft_prompt: bool = True,
 ) -> Conditioning:
     """Encode ``prompts`` and ``""`` with ``parts``' text encoder(s); SDXL when ``parts.text_encoder_2`` is set.
 
     Args:
         prompts: N prompt strings; longer ones are truncated to the tokenizer's 77 tokens (less the soft tokens).
-        soft_prompt: K tokens inserted right after BOS of every conditional prompt.
         image_size: SDXL only: (height, width) in pixels for ``time_ids``; default ``parts.image_size``.
+        with_soft_prompt: put ``parts.soft_prompt`` (K tokens, if set) right after BOS of every conditional
+            prompt; False encodes as the base model does.
 
-    Gradients flow to LoRA parameters of the text encoders and to ``soft_prompt``; wrap the call in
+    Gradients flow to LoRA parameters of the text encoders and to ``parts.soft_prompt``; wrap the call in
     ``torch.no_grad()`` where none are needed.
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     encoders, tokenizers = parts.text_encoders, parts.tokenizers
-    prefixes = _soft_prompt_prefixes(soft_prompt, encoders)
+    prefixes = _soft_prompt_prefixes(parts.soft_prompt if with_soft_prompt else None, encoders)
     sdxl = parts.text_encoder_2 is not None
     n = len(prompts)
 

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from fair_core.adaptor import apply_adaptor_to_parts, read_adaptor
-from fair_core.losses import load_preservation_loss
+from fair_core.resolve import resolve_preservation
 from fair_core.metrics import class_frequencies, total_variation
 from fair_core.plots import distribution_chart, save_image_grid
 from fair_core.evaluation import EvalSettings, generate_and_score, summarise_variants
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import Attribute, TargetDistribution
 from fair_core.train_config import TrainConfig
-from fair_core.trainable import SoftPrompt
 from fair_core.trainer import FairTrainer
 
 
@@ -100,8 +99,7 @@ class DemoSettings:
         )
 
 
-def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings, name: str,
-              soft_prompt: SoftPrompt | None = None):
+def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings, name: str):
     """Records (as ``fair eval`` writes them) and the images ``{prompt: (n, 3, H, W)}`` of one variant."""
     images: dict[str, list[torch.Tensor]] = {p: [] for p in prompts}
 
@@ -109,7 +107,7 @@ def _evaluate(parts, scorer: AttributeScorer, prompts: Sequence[str], settings: 
         for prompt, image in zip(batch_prompts, batch):
             images[prompt].append(image)
 
-    records = generate_and_score(parts, scorer, prompts, settings, soft_prompt=soft_prompt, on_images=keep,
+    records = generate_and_score(parts, scorer, prompts, settings, on_images=keep,
                                  description=f"demo eval ({name})")
     return records, {p: torch.stack(v) for p, v in images.items()}
 
@@ -152,15 +150,13 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     shutil.rmtree(config.output_dir, ignore_errors=True)
     train_prompts = [world.prompt(o) for o in world.train_occupations]
     trainer = FairTrainer(config, world.parts(), world.train_scorer, target, train_prompts, prompts[:2],
-                          preservation=load_preservation_loss(config.preservation))
+                          preservation=resolve_preservation(config.preservation, config.model))
     result = trainer.fit()
     adaptor_path = out / f"{config.output_name}.safetensors"
     shutil.copyfile(result.adaptor_path, adaptor_path)
 
-    after_world = load_toy_world()
-    after_parts = after_world.parts()
-    soft_prompt = apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base="toy"), after_parts)
-    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after", soft_prompt)
+    after_parts = apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base="toy"), load_toy_world().parts())
+    after_records, after_images = _evaluate(after_parts, world.eval_scorer, prompts, evaluation, "after")
 
     variants = {"base": before_records, adaptor_path.stem: after_records}
     summary = summarise_variants(variants, target, seed=settings.seed)

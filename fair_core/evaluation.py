@@ -17,12 +17,13 @@ import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from fair_core.metrics import BiasSummary, Predictions, compare_bias, summarise_bias
+from fair_core.audit import ImageCallback, predictions_of, score_records, summarise_records
+from fair_core.metrics import BiasSummary, compare_bias
 from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
 from fair_core.sampling import generate_images
@@ -50,9 +51,7 @@ class EvalSettings:
         return {"settings": settings, **identity}
 
 
-ImageCallback = Callable[[Sequence[str], Sequence[int], torch.Tensor], None]
 THUMBNAIL_SIZE = 128
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_seed(prompt: str, index: int, base_seed: int) -> int:
@@ -84,11 +83,12 @@ def check_cache_settings(cache_path: Path, fingerprint: dict) -> None:
 def thumbnail_saver(folder: Path, count: int) -> ImageCallback:
     """An ``on_images`` callback writing images ``j < count`` as ``folder/<prompt slug>/<j>.png`` (at most
     :data:`THUMBNAIL_SIZE` px) for :func:`write_paired_grids`."""
-    from fair_core.plots import to_uint8
     from PIL import Image
 
+    from fair_core.images import tensor_to_uint8
+
     def save(batch_prompts: Sequence[str], indices: Sequence[int], images: torch.Tensor) -> None:
-        tiles = to_uint8(images)
+        tiles = tensor_to_uint8(images)
         for prompt, index, tile in zip(batch_prompts, indices, tiles):
             if index < count:
                 picture = Image.fromarray(tile)
@@ -113,25 +113,8 @@ def _read_cache(path: Path) -> dict[tuple[str, int], dict]:
     return records
 
 
-def score_records(scorer: AttributeScorer, images: torch.Tensor, prompts: Sequence[str], indices: Sequence[int],
-                  seeds: Sequence[int | None]) -> list[dict]:
-    """One JSON-ready record per image of ``images`` ``(N, 3, H, W)`` in ``[-1, 1]``."""
-    with torch.no_grad():
-        scores = scorer(images)
-    probabilities = scores.probabilities()
-    boxes = scores.boxes.cpu().numpy() if scores.boxes is not None else None
-    records = []
-    for i, (prompt, index, seed) in enumerate(zip(prompts, indices, seeds)):
-        box = None if boxes is None or np.isnan(boxes[i]).any() else [round(float(v), 2) for v in boxes[i]]
-        records.append({
-            "prompt": prompt, "index": int(index), "seed": seed, "has_face": bool(scores.has_face[i]), "box": box,
-            "probs": {a.name: [round(float(v), 6) for v in p[i]] for a, p in zip(scorer.attributes, probabilities)},
-        })
-    return records
-
-
 def generate_and_score(parts: DiffusionParts, scorer: AttributeScorer, prompts: Sequence[str], settings: EvalSettings,
-                       cache_path: Path | None = None, soft_prompt=None, on_images: ImageCallback | None = None,
+                       cache_path: Path | None = None, on_images: ImageCallback | None = None,
                        description: str = "fair eval") -> list[dict]:
     """Records of every (prompt, image) in prompt-then-index order, with a progress bar.
 
@@ -154,7 +137,7 @@ def generate_and_score(parts: DiffusionParts, scorer: AttributeScorer, prompts: 
             batch_prompts, indices = [p for p, _ in batch], [j for _, j in batch]
             seeds = [image_seed(p, j, settings.seed) for p, j in batch]
             images = generate_images(parts, batch_prompts, seeds, settings.num_steps, settings.guidance_scale,
-                                     soft_prompt=soft_prompt, batch_size=settings.batch_size, device=settings.device)
+                                     batch_size=settings.batch_size, device=settings.device)
             if on_images is not None:
                 on_images(batch_prompts, indices, images)
             records = score_records(scorer, images.to(settings.device), batch_prompts, indices, seeds)
@@ -164,117 +147,6 @@ def generate_and_score(parts: DiffusionParts, scorer: AttributeScorer, prompts: 
                 cache.flush()
             bar.update(len(batch))
     return [done[job] for job in jobs]
-
-
-@dataclass
-class FolderReport:
-    """What :func:`score_image_folder` did besides scoring: files it converted, resized or could not read."""
-
-    converted: list[str]
-    resized: list[str]
-    unreadable: list[str]
-
-    def lines(self) -> list[str]:
-        out = []
-        for what, files in (("converted to RGB", self.converted), ("resized", self.resized), ("unreadable, skipped", self.unreadable)):
-            if files:
-                out.append(f"{len(files)} image(s) {what}: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
-        return out
-
-
-def read_image_folder(folder: str | Path) -> dict[str, list[Path]]:
-    """Prompt -> image files of a folder of already generated images.
-
-    Layout: one subfolder per prompt, named by the prompt (underscores read as spaces), holding images
-    (``.png``/``.jpg``/``.jpeg``/``.webp``/``.bmp``) in name order; image ``j`` is the ``j``-th file.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder not found: {folder}")
-    prompts = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            prompts[sub.name.replace("_", " ")] = files
-    if not prompts:
-        raise ValueError(f"{folder}: no images found; expected one subfolder per prompt holding "
-                         f"{'/'.join(IMAGE_SUFFIXES)} files")
-    return prompts
-
-
-def score_image_folder(folder: str | Path, scorer: AttributeScorer, input_size: int | None = None,
-                       batch_size: int = 8, device: str = "cpu", on_images: ImageCallback | None = None) -> tuple[list[dict], FolderReport]:
-    """Records (seed ``None``, plus ``file``) of every readable image of :func:`read_image_folder`.
-
-    Images not in RGB (grey, RGBA, palette, 16-bit) are converted; with ``input_size`` (a whole-image
-    classifier's fixed size) other sizes are resized; files PIL cannot read are skipped. All three are
-    listed in the :class:`FolderReport`, never raised.
-    """
-    report = FolderReport([], [], [])
-    files = [(prompt, index, path) for prompt, paths in read_image_folder(folder).items() for index, path in enumerate(paths)]
-    records = []
-    # Read one batch of files at a time (a folder of SD images does not fit in memory at once); score
-    # equal-sized images together (faces may be scored at any size).
-    for start in range(0, len(files), batch_size):
-        loaded = [(prompt, index, path.name, pixels) for prompt, index, path in files[start : start + batch_size]
-                  if (pixels := _read_image(path, input_size, report)) is not None]
-        for shape in dict.fromkeys(tuple(item[3].shape) for item in loaded):
-            same = [item for item in loaded if tuple(item[3].shape) == shape]
-            images = torch.stack([item[3] for item in same])
-            prompts, indices = [i[0] for i in same], [i[1] for i in same]
-            if on_images is not None:
-                on_images(prompts, indices, images)
-            for record, item in zip(score_records(scorer, images.to(device), prompts, indices, [None] * len(same)), same):
-                records.append({**record, "file": item[2]})
-    order = {p: i for i, p in enumerate(dict.fromkeys(prompt for prompt, _, _ in files))}
-    return sorted(records, key=lambda r: (order[r["prompt"]], r["index"])), report
-
-
-def _read_image(path: Path, input_size: int | None, report: FolderReport) -> torch.Tensor | None:
-    """``(3, H, W)`` in [-1, 1], converted / resized as :func:`score_image_folder` says, or None if unreadable;
-    what was done is added to ``report``."""
-    from PIL import Image, UnidentifiedImageError
-
-    shown = f"{path.parent.name}/{path.name}"
-    try:
-        with Image.open(path) as picture:
-            picture.load()
-            if picture.mode != "RGB":
-                report.converted.append(shown)
-                picture = _to_rgb(picture)
-            if input_size is not None and picture.size != (input_size, input_size):
-                report.resized.append(shown)
-                picture = picture.resize((input_size, input_size), Image.Resampling.BICUBIC)
-            return torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
-    except (OSError, UnidentifiedImageError, ValueError):
-        report.unreadable.append(shown)
-        return None
-
-
-def _to_rgb(picture):
-    """8-bit RGB from any PIL mode; 16/32-bit integer grey is scaled (PIL's own convert would clip it)."""
-    from PIL import Image
-
-    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = np.asarray(picture, dtype=np.float64)
-        grey = grey / 257.0 if grey.max() > 255 else grey  # 16-bit range (PNG "I;16" or "I")
-        return Image.fromarray(grey.clip(0, 255).astype(np.uint8)).convert("RGB")
-    return picture.convert("RGB")
-
-
-def predictions_of(records: Sequence[dict], target: TargetDistribution) -> dict[str, Predictions]:
-    """Per prompt, :class:`Predictions` in ``target``'s attribute order."""
-    by_prompt: dict[str, list[dict]] = {}
-    for record in records:
-        by_prompt.setdefault(record["prompt"], []).append(record)
-    result = {}
-    for prompt, rows in by_prompt.items():
-        missing = [n for n in target.names if n not in rows[0]["probs"]]
-        if missing:
-            raise ValueError(f"the classifier does not predict {missing} (it has {list(rows[0]['probs'])})")
-        probs = [np.array([r["probs"][n] for r in rows]) for n in target.names]
-        result[prompt] = Predictions(probs, np.array([r["has_face"] for r in rows], dtype=bool))
-    return result
 
 
 def write_csv(path: Path, variants: dict[str, list[dict]]) -> Path:
@@ -299,7 +171,7 @@ def summarise_variants(variants: dict[str, list[dict]], target: TargetDistributi
                        reference: TargetDistribution | None = None, seed: int = 0) -> dict:
     """summary.json content: per-variant :class:`BiasSummary` and the paired change of each variant vs the first."""
     predictions = {name: predictions_of(records, target) for name, records in variants.items()}
-    summaries: dict[str, BiasSummary] = {n: summarise_bias(p, target, reference, seed=seed) for n, p in predictions.items()}
+    summaries: dict[str, BiasSummary] = {n: summarise_records(r, target, reference, seed) for n, r in variants.items()}
     first = next(iter(predictions))
     changes = {n: compare_bias(predictions[first], p, target, reference, seed=seed)
                for n, p in predictions.items() if n != first}

@@ -27,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from fair_core.soft_prompt import SoftPrompt
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 CLIP_VOCAB_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
@@ -62,6 +64,8 @@ class DiffusionParts:
         text_encoder_2: SDXL only, OpenCLIP ViT-bigG/14 text encoder with projection.
         tokenizer_2: SDXL only, the same vocabulary padded with ``"!"``.
         base: ``"sd15"``, ``"sdxl"``, ``"toy"`` or another name of the base model family (keyword-only, required).
+        soft_prompt: soft tokens that every conditional prompt encoded with these parts gets right after BOS (an
+            applied adaptor's tokens, or the ones being trained); None for none (keyword-only).
     """
 
     unet: UNet2DConditionModel
@@ -72,6 +76,7 @@ class DiffusionParts:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     base: str = field(kw_only=True)
+    soft_prompt: SoftPrompt | None = field(default=None, kw_only=True)
 
     @property
     def text_encoders(self) -> list[CLIPTextModel | CLIPTextModelWithProjection]:
@@ -97,7 +102,7 @@ class DiffusionParts:
 
     def to(self, *args, **kwargs) -> DiffusionParts:
         """``torch.nn.Module.to`` on every model (device and/or dtype), in place; returns self."""
-        for model in (self.unet, self.vae, *self.text_encoders):
+        for model in (self.unet, self.vae, *self.text_encoders, self.soft_prompt):
             if model is not None:
                 model.to(*args, **kwargs)
         return self

@@ -48,20 +48,20 @@ def generate_images(
     seeds: Sequence[int],
     num_steps: int,
     guidance_scale: float = 7.5,
-    soft_prompt=None,
     resolution: int | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in ``[-1, 1]`` (on CPU, float32) for ``prompts[i]`` with noise seed ``seeds[i]``."""
+    """Images ``(N, 3, H, W)`` in ``[-1, 1]`` (on CPU, float32) for ``prompts[i]`` with noise seed ``seeds[i]``,
+    with whatever adaptor ``parts`` carry (LoRA layers and ``parts.soft_prompt``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     shape = latent_shape(parts, resolution)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start : start + batch_size])
-        conditioning: Conditioning = encode_prompts(parts, batch_prompts, soft_prompt=soft_prompt)
+        conditioning: Conditioning = encode_prompts(parts, batch_prompts)
         noise = seeded_noise(seeds[start : start + batch_size], shape, device)
         latents = sample(
             parts.unet, parts.scheduler, noise, conditioning.cond, conditioning.uncond, num_steps, guidance_scale,

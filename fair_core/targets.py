@@ -119,6 +119,14 @@ class TargetDistribution:
         _check_probabilities(joint, "target " + " x ".join(names))
         object.__setattr__(self, "joint", joint)
 
+    def __eq__(self, other: object) -> bool:
+        """Same attributes (names and classes, in order) and exactly the same table."""
+        if not isinstance(other, TargetDistribution):
+            return NotImplemented
+        return self.attributes == other.attributes and np.array_equal(self.joint, other.joint)
+
+    __hash__ = None  # mutable-looking array inside; compare, don't hash
+
     # ------------------------------------------------------------------ views
     @property
     def names(self) -> tuple[str, ...]:

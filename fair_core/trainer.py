@@ -37,17 +37,18 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fair_core.alignment import NO_TARGET, assign_targets, dal_loss
+from fair_core.audit import score_records, summarise_records
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
-from fair_core.metrics import summarise_labels
 from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
 from fair_core.sampling import decode_latents, generate_images, latent_shape, seeded_noise
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import Attribute, TargetDistribution
 from fair_core.train_config import TrainConfig
-from fair_core.trainable import SoftPrompt, adapters_disabled, add_text_encoder_lora, add_unet_lora
+from fair_core.soft_prompt import SoftPrompt
+from fair_core.trainable import adapters_disabled, add_text_encoder_lora, add_unet_lora
 from fair_core.plots import save_image_grid
 
 CHECKPOINT_PREFIX = "iter_"
@@ -128,7 +129,6 @@ class FairTrainer:
         self.keep_index = _keep_positions(scorer, target, config.keep)
         self.output_dir = Path(config.output_dir)
         self.device = self.accelerator.device
-        self.soft_prompt: SoftPrompt | None = None
         self.parameters = self._make_trainable()
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
@@ -153,8 +153,8 @@ class FairTrainer:
         if "unet" in config.trainable:
             parameters += add_unet_lora(parts.unet, config.lora_rank, config.lora_alpha)
         if "tokens" in config.trainable:
-            self.soft_prompt = SoftPrompt.initialise(parts, config.num_tokens, seed=config.seed)
-            parameters += list(self.soft_prompt.parameters())
+            parts.soft_prompt = SoftPrompt.initialise(parts, config.num_tokens, seed=config.seed)
+            parameters += list(parts.soft_prompt.parameters())
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
         self.autocast_dtype = None if config.mixed_precision == "no" else weight_dtype
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
@@ -162,8 +162,8 @@ class FairTrainer:
                 module.to(self.device)
                 if module.dtype != weight_dtype:  # diffusers warns about every dtype passed to `to`, even a no-op
                     module.to(dtype=weight_dtype)
-        if self.soft_prompt is not None:
-            self.soft_prompt.to(self.device)
+        if parts.soft_prompt is not None:
+            parts.soft_prompt.to(self.device)
         for parameter in parameters:  # trainables stay float32 under mixed precision
             parameter.data = parameter.data.float()
         if config.gradient_checkpointing:
@@ -200,17 +200,18 @@ class FairTrainer:
 
         The traces are the first half of the gradient pass: the targets are solved on their images, then
         each trace's backward runs without sampling again from the same noise."""
-        return self._sample_micro_batches(trace_sampling, prompt, noise, steps, self.soft_prompt,
+        return self._sample_micro_batches(trace_sampling, prompt, noise, steps, with_soft_prompt=True,
                                           mode=self.config.gradient_mode)
 
     def _sample_micro_batches(self, sampler: Callable, prompt: str, noise: torch.Tensor, steps: int,
-                              soft_prompt: SoftPrompt | None, **options) -> list:
+                              with_soft_prompt: bool, **options) -> list:
         """``sampler`` (:func:`~fair_core.dft.sample` or :func:`~fair_core.dft.trace_sampling`) on each
-        micro-batch of ``noise`` with ``prompt``'s conditioning; one result per micro-batch."""
+        micro-batch of ``noise`` with ``prompt``'s conditioning (soft tokens included or not); one result per
+        micro-batch."""
         results = []
         for rows in self._micro_batch_rows(noise.shape[0]):
             chunk = noise[rows]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], soft_prompt=soft_prompt)
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], with_soft_prompt=with_soft_prompt)
             results.append(sampler(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,
@@ -258,7 +259,7 @@ class FairTrainer:
 
     def _sample_frozen(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
         """Images ``(n, 3, H, W)`` without gradients and without soft tokens (the caller turns the adapters off)."""
-        latents = self._sample_micro_batches(sample, prompt, noise, steps, soft_prompt=None)
+        latents = self._sample_micro_batches(sample, prompt, noise, steps, with_soft_prompt=False)
         return torch.cat([decode_latents(self.parts, chunk) for chunk in latents])
 
     def _gradient_pass(self, traces: Sequence[SamplingTrace], noise: torch.Tensor, labels: torch.Tensor,
@@ -342,26 +343,23 @@ class FairTrainer:
             self.ema.store(self.parameters)
             self.ema.copy_to(self.parameters)
         try:
-            labels_per_prompt, faces_per_prompt, first_images = [], [], None
+            records, first_images = [], None
             for prompt in prompts:
                 seeds = [stable_seed(config.seed, "val", prompt, j) for j in range(config.val_images_per_prompt)]
                 images = generate_images(
                     self.parts, [prompt] * len(seeds), seeds, config.val_steps, config.guidance_scale,
-                    soft_prompt=self.soft_prompt, resolution=config.resolution, batch_size=config.micro_batch,
+                    resolution=config.resolution, batch_size=config.micro_batch,
                     device=self.device, autocast_dtype=self.autocast_dtype,
                 )
-                logits, scores = self._score(images.to(self.device))
-                has_face = scores.has_face
-                labels_per_prompt.append(_predicted_classes(logits).cpu().numpy())
-                faces_per_prompt.append(has_face.cpu().numpy())
+                records += score_records(self.scorer, images.to(self.device), [prompt] * len(seeds),
+                                         range(len(seeds)), seeds)
                 first_images = images if first_images is None else first_images
         finally:
             if use_ema:
                 self.ema.restore(self.parameters)
         if grid_path is not None and first_images is not None:
             save_image_grid(first_images, grid_path, upscale=max(1, 128 // first_images.shape[-1]))
-        summary = summarise_labels(labels_per_prompt, faces_per_prompt, self.target, prompts=prompts)
-        return summary.to_json()
+        return summarise_records(records, self.target).to_json()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
@@ -471,8 +469,8 @@ class FairTrainer:
                 training_args=json.loads(self.config.to_json()), eval={"before": before, "after": after},
             )
             tokens = []
-            if self.soft_prompt is not None:
-                vectors = {f: e.detach().cpu().float() for f, e in zip(encoders, self.soft_prompt.embeddings)}
+            if parts.soft_prompt is not None:
+                vectors = {f: e.detach().cpu().float() for f, e in zip(encoders, parts.soft_prompt.embeddings)}
                 tokens = [SoftTokens(self.config.output_name, vectors)]
             path = self.output_dir / f"{self.config.output_name}.safetensors"
             write_adaptor(

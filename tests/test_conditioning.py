@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from peft.tuners.lora import LoraLayer
 from fair_core.conditioning import Conditioning, encode_prompts
 from fair_core.models import DiffusionParts
 from fair_core.tiny import tiny_sd15, tiny_sdxl
-from fair_core.trainable import SoftPrompt, adapters_disabled, add_text_encoder_lora, add_unet_lora
+from fair_core.soft_prompt import SoftPrompt
+from fair_core.trainable import adapters_disabled, add_text_encoder_lora, add_unet_lora
 
 PROMPTS = ["a photo of a doctor", "a nurse", "portrait of a " + "very " * 120 + "tall person"]  # last one truncated
 
@@ -101,6 +103,11 @@ def test_bad_prompts_are_refused(sd15):
 
 # ---------------------------------------------------------------- soft prompt
 
+def carrying(parts: DiffusionParts, soft: SoftPrompt) -> DiffusionParts:
+    """The same models carrying ``soft`` (the parts fixtures are shared)."""
+    return dataclasses.replace(parts, soft_prompt=soft)
+
+
 def textual_inversion_reference(parts: DiffusionParts, soft: SoftPrompt, prompts: list[str]):
     """The paper's way: K new tokens in the tokenizer, their rows appended to the embedding matrix, the token
     strings written before the prompt with no space. Returns each encoder's output."""
@@ -123,7 +130,7 @@ def test_soft_prompt_equals_textual_inversion_tokens_after_bos(model, request):
     soft = SoftPrompt.initialise(parts, num_tokens=5, seed=0)
     for p in soft.embeddings:
         p.data += torch.randn_like(p)  # trained-looking vectors, not vocabulary rows
-    c = encode_prompts(parts, PROMPTS, soft)
+    c = encode_prompts(carrying(parts, soft), PROMPTS)
     reference = textual_inversion_reference(parts, soft, PROMPTS)
     if model == "sd15":
         torch.testing.assert_close(c.cond, reference[0].last_hidden_state)
@@ -131,7 +138,8 @@ def test_soft_prompt_equals_textual_inversion_tokens_after_bos(model, request):
         torch.testing.assert_close(c.cond, torch.cat([r.hidden_states[-2] for r in reference], dim=-1))
         # pooled output is read at EOS, which the prefix shifts by K positions
         torch.testing.assert_close(c.added_cond["text_embeds"][0], reference[1].text_embeds)
-    plain = encode_prompts(parts, PROMPTS)
+    plain = encode_prompts(carrying(parts, soft), PROMPTS, with_soft_prompt=False)
+    assert torch.equal(plain.cond, encode_prompts(parts, PROMPTS).cond)
     assert torch.equal(c.uncond, plain.uncond)
     assert not torch.allclose(c.cond, plain.cond)
 
@@ -140,7 +148,7 @@ def test_gradients_reach_soft_tokens_and_nothing_else(sdxl):
     soft = SoftPrompt.initialise(sdxl, num_tokens=3)
     sdxl.text_encoder.requires_grad_(False)
     sdxl.text_encoder_2.requires_grad_(False)
-    c = encode_prompts(sdxl, PROMPTS[:2], soft)
+    c = encode_prompts(carrying(sdxl, soft), PROMPTS[:2])
     assert not c.uncond.requires_grad
     (c.cond.square().sum() + c.added_cond["text_embeds"][0].square().sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in soft.embeddings)
@@ -161,11 +169,11 @@ def test_soft_prompt_starts_from_distinct_vocabulary_rows(sdxl):
 
 def test_soft_prompt_errors(sd15, sdxl):
     with pytest.raises(ValueError, match="for 1 text encoder"):
-        encode_prompts(sdxl, ["a"], SoftPrompt.initialise(sd15))
+        encode_prompts(carrying(sdxl, SoftPrompt.initialise(sd15)), ["a"])
     with pytest.raises(ValueError, match="width 8 does not match"):
-        encode_prompts(sd15, ["a"], SoftPrompt([torch.zeros(5, 8)]))
+        encode_prompts(carrying(sd15, SoftPrompt([torch.zeros(5, 8)])), ["a"])
     with pytest.raises(ValueError, match="do not fit"):
-        encode_prompts(sd15, ["a"], SoftPrompt([torch.zeros(76, 32)]))
+        encode_prompts(carrying(sd15, SoftPrompt([torch.zeros(76, 32)])), ["a"])
     with pytest.raises(ValueError, match="disagree"):
         SoftPrompt([torch.zeros(5, 32), torch.zeros(4, 32)])
     with pytest.raises(ValueError, match="num_tokens"):

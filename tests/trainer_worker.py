@@ -36,12 +36,12 @@ def make_trainer(output_dir: str, iterations: int, attributes: tuple[str, ...] =
 
     The linear warm-up/decay schedule makes the kill-and-resume test check the schedule's state too."""
     torch.set_num_threads(1)
-    config = TrainConfig(
+    settings = dict(
         model="tiny", trainable=["text_encoder", "unet"], lora_rank=4, lora_alpha=4, images_per_prompt=4,
         micro_batch=1, steps_min=2, steps_max=3, iterations=iterations, checkpoint_every=1, validate_every=1000,
         learning_rate=1e-3, lr_schedule="linear", lr_warmup_iterations=1, ema_decay=0.5, output_dir=output_dir, log_with=None, device="cpu", seed=7,
-        **overrides,
     )
+    config = TrainConfig(**settings | overrides)
     parts = DiffusionParts(**vars(tiny_sd15()), base="sd15")
     schema = [DEFAULT_SCHEMA[name] for name in attributes]
     scorer = WholeImageScorer(tiny_classifier(sum(len(a.classes) for a in schema)), schema)

@@ -33,39 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
-def _scorer(classifier: str, device: str):
-    """(scorer, identity, whole-image input size or None)."""
-    if classifier == "toy":
-        from fair_core.toyworld import IMAGE_SIZE, load_toy_world
-
-        return load_toy_world(device=device).eval_scorer, {"classifier": "toy-eval"}, IMAGE_SIZE
-    from fair_core.classifiers import load_classifier
-    from fair_core.classifiers.metadata import file_identity
-    from fair_core.faces import FaceAttributeScorer
-
-    identity = file_identity(classifier)
-    scorer = FaceAttributeScorer(None, load_classifier(classifier, device=device))
-    return scorer, {"classifier": identity["name"], "classifier_sha256": identity["sha256"]}, None
-
-
-def _parts_loader(model: str, device: str):
-    if model == "toy":
-        from fair_core.toyworld import load_toy_world
-
-        return lambda: load_toy_world(device=device).parts()
-    from fair_core.models import load_diffusion_parts
-
-    return lambda: load_diffusion_parts(model, device=device)
-
-
 def _run(args: argparse.Namespace) -> int:
     from fair_core.adaptor import apply_adaptor_to_parts, read_adaptor
+    from fair_core.audit import score_image_folder
     from fair_core.classifiers.metadata import file_identity
     from fair_core.eval_report import write_paired_grids, write_report
-    from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, score_image_folder,
-                                      summarise_variants, thumbnail_saver, write_csv)
+    from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, summarise_variants,
+                                      thumbnail_saver, write_csv)
     from fair_core.prompts import resolve_prompt_set
-    from fair_core.targets import TargetDistribution
+    from fair_core.resolve import resolve_model_loader, resolve_scorer, resolve_target
 
     if args.model is None and not args.images:
         raise ValueError("give --model (to generate) and/or --images DIR (already generated images)")
@@ -76,24 +52,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.images_per_prompt < 1 or args.batch_size < 1:
         raise ValueError("--images-per-prompt and --batch-size must be at least 1")
     prompts = list(resolve_prompt_set(args.prompts)) if args.prompts else []
-    scorer, classifier_identity, input_size = _scorer(args.classifier, args.device)
-    schema = {a.name: a for a in scorer.attributes}
-    target = TargetDistribution.parse(args.target, schema) if args.target else TargetDistribution.uniform(scorer.attributes)
-    reference = TargetDistribution.parse(args.reference, schema) if args.reference else None
+    resolved = resolve_scorer(args.classifier, args.device)
+    target = resolve_target(args.target, resolved.attributes, "--target")
+    reference = resolve_target(args.reference, resolved.attributes, "--reference") if args.reference else None
+    load_parts = resolve_model_loader(args.model, device=args.device) if args.model is not None else None
     settings = EvalSettings(args.images_per_prompt, args.steps, args.guidance, args.seed, args.batch_size, args.device,
                             args.grid_images)
     out = Path(args.out)
     variants: dict[str, list[dict]] = {}
-    notes = [f"classifier: {classifier_identity['classifier']}; seed {args.seed}"]
-    if args.model is not None:
-        load_parts = _parts_loader(args.model, args.device)
+    notes = [f"classifier: {resolved.identity['classifier']}; seed {args.seed}"]
+    if load_parts is not None:
         notes.append(f"model: {args.model}; {len(prompts)} prompts x {args.images_per_prompt} images, "
                      f"{args.steps} steps, guidance {args.guidance}")
         for adaptor_path in [None, *args.adaptor]:
             parts = load_parts()
-            name, soft_prompt, identity = "base", None, {"model": args.model, **classifier_identity}
+            name, identity = "base", {"model": args.model, **resolved.identity}
             if adaptor_path is not None:
-                soft_prompt = apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base=parts.base), parts)
+                apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base=parts.base), parts)
                 name = Path(adaptor_path).stem
                 identity["adaptor_sha256"] = file_identity(adaptor_path)["sha256"]
             if name in variants:
@@ -101,13 +76,14 @@ def _run(args: argparse.Namespace) -> int:
             cache = out / "cache" / f"{name}.jsonl"
             check_cache_settings(cache, settings.fingerprint(identity))
             saver = thumbnail_saver(out / "images" / name, settings.grid_images)
-            variants[name] = generate_and_score(parts, scorer, prompts, settings, cache, soft_prompt, saver, f"eval {name}")
+            variants[name] = generate_and_score(parts, resolved.scorer, prompts, settings, cache, saver, f"eval {name}")
     for folder in args.images:
         name = Path(folder).resolve().name
         if name in variants:
             raise ValueError(f"two variants named {name!r}: rename one image folder")
         saver = thumbnail_saver(out / "images" / name, settings.grid_images)
-        records, report = score_image_folder(folder, scorer, input_size, args.batch_size, args.device, saver)
+        records, report = score_image_folder(folder, resolved.scorer, resolved.input_size, args.batch_size,
+                                             args.device, saver)
         for line in report.lines():
             print(f"[eval] {name}: {line}")
         notes += [f"{name}: {line}" for line in report.lines()]

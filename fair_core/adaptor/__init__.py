@@ -9,22 +9,48 @@ Pieces, each with one job:
 * :mod:`~fair_core.adaptor.validate`: the checks every read and write passes.
 * :mod:`~fair_core.adaptor.writer` / :mod:`~fair_core.adaptor.reader`: peft models -> file -> :class:`FairAdaptor`.
 * :mod:`~fair_core.adaptor.applier`: :class:`FairAdaptor` -> peft LoRA on fresh models, merged weights, soft tokens.
+* :mod:`~fair_core.adaptor.hosts`: what ComfyUI/A1111/Forge need: header-only listing, LoRA-only tensors, token
+  vectors per encoder, prompt words.
 * :mod:`~fair_core.adaptor.paper`: the released ``.pth`` checkpoints of Shen et al. -> :class:`FairAdaptor`.
 """
 
-from fair_core.adaptor.applier import (add_soft_tokens, apply_adaptor, apply_adaptor_to_parts, merge_adaptor, soft_prompt_of,
-                                      text_encoders_by_family)
+from importlib import import_module
+from typing import Any
+
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError
+from fair_core.adaptor.hosts import (AdaptorHeader, check_base, list_adaptors, lora_state_dict, prompt_words,
+                                     read_adaptor_header, soft_token_vectors)
 from fair_core.adaptor.metadata import FairMetadata
 from fair_core.adaptor.naming import BASES, TEXT_ENCODER_FAMILIES, lora_prefix
 from fair_core.adaptor.paper import convert_paper_checkpoints
 from fair_core.adaptor.reader import read_adaptor
 from fair_core.adaptor.validate import validate_adaptor
-from fair_core.adaptor.writer import adaptor_from_models, lora_from_model, save_adaptor, write_adaptor
+
+# The applier and writer need peft (and the models it wraps); host applications that only read files and hand
+# the tensors to their own LoRA loader must not pay for, or even have, peft. Imported on first use.
+_LAZY = {
+    "add_soft_tokens": "applier", "apply_adaptor": "applier", "apply_adaptor_to_parts": "applier",
+    "merge_adaptor": "applier", "soft_prompt_of": "applier", "text_encoders_by_family": "applier",
+    "adaptor_from_models": "writer", "lora_from_model": "writer", "save_adaptor": "writer", "write_adaptor": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"fair_core.adaptor.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'fair_core.adaptor' has no attribute {name!r}")
+
 
 __all__ = [
     "BASES",
+    "AdaptorHeader",
+    "check_base",
+    "list_adaptors",
+    "lora_state_dict",
+    "prompt_words",
+    "read_adaptor_header",
+    "soft_token_vectors",
     "TEXT_ENCODER_FAMILIES",
     "AdaptorError",
     "FairAdaptor",

@@ -21,7 +21,7 @@ from torch import nn
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError, list_some
 from fair_core.adaptor.naming import TEXT_ENCODER_FAMILIES, family_of_prefix, prefixes_of_modules
-from fair_core.trainable import SoftPrompt
+from fair_core.soft_prompt import SoftPrompt
 
 if TYPE_CHECKING:
     from fair_core.models import DiffusionParts
@@ -83,13 +83,18 @@ def text_encoders_by_family(parts: DiffusionParts) -> dict[str, nn.Module]:
     return dict(zip(families, parts.text_encoders))
 
 
-def apply_adaptor_to_parts(adaptor: FairAdaptor, parts: DiffusionParts, strength: float = 1.0) -> SoftPrompt | None:
-    """:func:`apply_adaptor` on the parts' UNet and text encoders; returns the adaptor's soft tokens as the sampler
-    takes them (:func:`soft_prompt_of`), None when it has none. Generating with the returned soft prompt reproduces
+def apply_adaptor_to_parts(adaptor: FairAdaptor, parts: DiffusionParts, strength: float = 1.0) -> DiffusionParts:
+    """:func:`apply_adaptor` on the parts' UNet and text encoders, and the adaptor's soft tokens as
+    ``parts.soft_prompt`` (:func:`soft_prompt_of`), in place; returns ``parts``. Generating with them reproduces
     what the trainer validated."""
+    if parts.soft_prompt is not None and adaptor.tokens:
+        raise AdaptorError("the model already carries soft tokens; apply one adaptor with tokens at a time")
     encoders = text_encoders_by_family(parts)
     apply_adaptor(adaptor, unet=parts.unet, text_encoders=encoders, strength=strength)
-    return soft_prompt_of(adaptor, tuple(encoders))
+    soft_prompt = soft_prompt_of(adaptor, tuple(encoders))
+    if soft_prompt is not None:
+        parts.soft_prompt = soft_prompt.to(parts.text_encoder.device)
+    return parts
 
 
 def merge_adaptor(
@@ -156,7 +161,7 @@ def add_soft_tokens(
 
 
 def soft_prompt_of(adaptor: FairAdaptor, families: Sequence[str]) -> SoftPrompt | None:
-    """The adaptor's soft tokens as the trainer used them: a :class:`~fair_core.trainable.SoftPrompt` put right
+    """The adaptor's soft tokens as the trainer used them: a :class:`~fair_core.soft_prompt.SoftPrompt` put right
     after BOS of conditional prompts (``families``: the text encoders' order, ``("te",)`` or ``("te1", "te2")``),
     or None when the adaptor has no tokens. :func:`add_soft_tokens` is the other way, as words of a prompt."""
     if not adaptor.tokens:

@@ -20,7 +20,8 @@ from fair_core.adaptor.checksum import HASH_KEY, check_content_hash, data_sha256
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata
-from fair_core.adaptor.naming import LORA_PARTS, base_of_family, lora_key, lora_prefix, token_key
+from fair_core.adaptor.hosts import lora_state_dict, token_state_dict
+from fair_core.adaptor.naming import base_of_family, lora_prefix
 from fair_core.adaptor.validate import validate_adaptor
 
 
@@ -101,17 +102,9 @@ def tensor_metadata(adaptor: FairAdaptor) -> dict[str, str]:
 
 
 def adaptor_state_dict(adaptor: FairAdaptor) -> dict[str, torch.Tensor]:
-    """The file's tensors: kohya LoRA keys (alpha as a 0-d float32 tensor) and ``bundle_emb`` token keys."""
-    down_part, up_part, alpha_part = LORA_PARTS
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, weights in adaptor.lora.items():
-        tensors[lora_key(prefix, down_part)] = weights.down.contiguous()
-        tensors[lora_key(prefix, up_part)] = weights.up.contiguous()
-        tensors[lora_key(prefix, alpha_part)] = torch.tensor(weights.alpha, dtype=torch.float32)
-    for tokens in adaptor.tokens:
-        for family, vectors in tokens.vectors.items():
-            tensors[token_key(tokens.name, family)] = vectors.contiguous()
-    return tensors
+    """The file's tensors: the kohya LoRA keys (:func:`~fair_core.adaptor.hosts.lora_state_dict`) and the
+    ``bundle_emb`` token keys (:func:`~fair_core.adaptor.hosts.token_state_dict`)."""
+    return lora_state_dict(adaptor) | token_state_dict(adaptor)
 
 
 def save_adaptor(adaptor: FairAdaptor, path: str | Path) -> Path:
