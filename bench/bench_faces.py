@@ -32,7 +32,8 @@ from fair_core.classifiers.model import build_classifier
 from fair_core.classifiers.onnx_export import export_onnx
 from fair_core.classifiers.pretrained import dlib_age_classifier, dlib_gender_classifier
 from fair_core.classifiers.runtime import OnnxClassifier
-from fair_core.faces import FaceAttributeScorer, image_to_tensor
+from fair_core.faces import FaceAttributeScorer
+from fair_core.images import image_to_tensor
 from fair_core.targets import DEFAULT_SCHEMA
 
 

@@ -17,8 +17,8 @@ exactly these landmarks. On scikit-image's astronaut photo it finds the one face
 and on noise, none. It misses small (< ~80 px at the detection scale) and strongly turned faces: for
 those, plug in a stronger ONNX detector (:class:`OnnxFaceDetector`; contract in its docstring).
 
-Image inputs that are not 8-bit RGB are converted by :func:`to_rgb_uint8` (grayscale, RGBA, 16-bit,
-float), each with a fixed rule.
+Image files and arrays that are not 8-bit RGB are converted by :mod:`fair_core.images` (grayscale, RGBA,
+16-bit, float, palette, CMYK), each with a fixed rule.
 """
 
 from __future__ import annotations
@@ -33,84 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from fair_core.classifiers.metadata import FaceCropSpec
+from fair_core.images import tensor_to_uint8
 from fair_core.scoring import AttributeScores, split_logits
 
 MIN_IMAGE_SIDE = 32
 MAX_DETECT_SIDE = 2048
 UPSCALE_BELOW = 160
 MAX_SUPERSAMPLE = 8
-
-
-# --------------------------------------------------------------------------- image conversion
-def to_rgb_uint8(image) -> np.ndarray:
-    """Any still image as a C-contiguous ``(H, W, 3)`` uint8 RGB array.
-
-    Rules: grayscale ``(H, W)``/``(H, W, 1)`` is repeated to RGB; gray+alpha and RGBA are
-    composited over white; integer types other than uint8 (16-bit PNG/TIFF, PIL mode ``I``) are read
-    as 16-bit (``/ 257``); floats are read as [0, 1] and clipped; bool as 0/255. Anything else
-    (empty, 2 or more than 4 channels, more dimensions) raises ``ValueError`` naming the shape.
-    """
-    array = _pil_to_array(image) if not isinstance(image, np.ndarray) else image
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4) or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"expected an image (H, W), (H, W, 1/3/4) or gray+alpha (H, W, 2), got shape {array.shape}")
-    values = _to_unit_float(array)
-    if values.shape[2] in (2, 4):
-        alpha = values[:, :, -1:]
-        values = values[:, :, :-1] * alpha + (1.0 - alpha)
-    if values.shape[2] == 1:
-        values = np.repeat(values, 3, axis=2)
-    return np.ascontiguousarray(np.round(values * 255.0).astype(np.uint8))
-
-
-def _pil_to_array(image) -> np.ndarray:
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a numpy array or a PIL image, got {type(image).__name__}")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    elif image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
-        image = image.convert("RGB")
-    return np.asarray(image)
-
-
-def _to_unit_float(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer):
-        return np.clip(array.astype(np.float32) / 65535.0, 0.0, 1.0)
-    if np.issubdtype(array.dtype, np.floating):
-        return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
-    raise ValueError(f"unsupported image dtype {array.dtype}")
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file (EXIF orientation applied) as ``(H, W, 3)`` uint8 RGB."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
-    return to_rgb_uint8(image)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> float ``(3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Detached ``(N, 3, H, W)`` in [-1, 1] -> ``(N, H, W, 3)`` uint8 (the copy the detector sees)."""
-    with torch.no_grad():
-        values = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(values.permute(0, 2, 3, 1).cpu().numpy())
 
 
 # --------------------------------------------------------------------------- detection
@@ -261,7 +190,7 @@ class FaceFinder:
         import cv2
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"FaceFinder.find expects (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}; use to_rgb_uint8")
+            raise ValueError(f"FaceFinder.find expects (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}; use fair_core.images.to_rgb_uint8")
         height, width = image.shape[:2]
         if min(height, width) < self.min_side:
             return Detection(None, 0, f"image {width}x{height} is smaller than {self.min_side} px")
@@ -437,6 +366,6 @@ class FaceAttributeScorer:
 def _check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (N, 3, H, W) RGB in [-1, 1], got {shape}; convert files with load_image")
+        raise ValueError(f"images must be a float tensor (N, 3, H, W) RGB in [-1, 1], got {shape}; convert files with fair_core.images.load_image")
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [-1, 1], got {images.dtype}")

@@ -221,15 +221,10 @@ class ImagePreservationLoss(PreservationLoss):
 
 
 def load_preservation_loss(entries: Sequence[str], device: str | torch.device = "cpu") -> PreservationLoss | None:
-    """Build the loss named by ``TrainConfig.preservation``: ``toy``, ``clip:DIR``, ``dino:DIR``; None if empty."""
+    """Build the loss named by ``TrainConfig.preservation`` entries ``clip:DIR`` / ``dino:DIR``; None if empty
+    (``toy`` is the toy world's, see :func:`fair_core.resolve.resolve_preservation`)."""
     if not entries:
         return None
-    if "toy" in entries:
-        if len(entries) > 1:
-            raise ValueError(f"preservation: 'toy' cannot be combined with other encoders, got {list(entries)}")
-        from fair_core.toyworld.preservation import ColourBlindPreservationLoss
-
-        return ColourBlindPreservationLoss()
     encoders = []
     for entry in entries:
         kind, _, folder = entry.partition(":")

@@ -9,16 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(N, 3, H, W)`` in ``[-1, 1]`` -> ``(N, H, W, 3)`` uint8."""
-    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).numpy()
+from fair_core.images import tensor_to_uint8
 
 
 def image_grid(images: torch.Tensor, columns: int = 8, upscale: int = 1, padding: int = 2) -> Image.Image:
     """Tile ``(N, 3, H, W)`` images in ``[-1, 1]`` into one RGB picture, ``columns`` per row, white gaps."""
-    tiles = to_uint8(images)
+    tiles = tensor_to_uint8(images)
     count, height, width, _ = tiles.shape
     columns = max(1, min(columns, count))
     rows = -(-count // columns)

@@ -1,22 +1,17 @@
-"""Turn a :class:`~fair_core.train_config.TrainConfig` into models, scorer, target and prompts.
-
-The one place that knows what ``model: toy`` or ``classifier: path.safetensors`` means, shared by
-``fair train`` and ``fair demo``.
-"""
+"""Turn a :class:`~fair_core.train_config.TrainConfig` into models, scorer, target and prompts, through
+:mod:`fair_core.resolve`: everything a user typed is checked before the diffusion model loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
-from fair_core.losses import PreservationLoss, load_preservation_loss
-from fair_core.models import DiffusionParts, load_diffusion_parts
+from fair_core.losses import PreservationLoss
+from fair_core.models import DiffusionParts
 from fair_core.prompts import resolve_prompt_set
+from fair_core.resolve import TOY, resolve_model_loader, resolve_preservation, resolve_scorer, resolve_target
 from fair_core.scoring import AttributeScorer
-from fair_core.targets import DEFAULT_SCHEMA, Attribute, TargetDistribution
+from fair_core.targets import TargetDistribution
 from fair_core.train_config import TrainConfig
-
-TOY = "toy"
 
 
 @dataclass
@@ -29,40 +24,23 @@ class TrainingSetup:
     preservation: PreservationLoss | None = None
 
 
-def load_scorer(classifier: str, device: str = "cpu") -> AttributeScorer:
-    """A face-detecting scorer over a torch classifier file (``.safetensors``; ONNX has no gradients)."""
-    from fair_core.classifiers.model import AttributeClassifier
-    from fair_core.faces import FaceAttributeScorer
-
-    if not classifier.endswith(".safetensors"):
-        raise ValueError(f"training needs a torch classifier (.safetensors) for gradients, got {classifier!r}")
-    return FaceAttributeScorer(None, AttributeClassifier.load(classifier, device=device))
-
-
-def parse_target(spec: object, schema: Mapping[str, Attribute]) -> TargetDistribution:
-    if isinstance(spec, Mapping):
-        return TargetDistribution.from_mapping(spec, schema)
-    return TargetDistribution.load(str(spec), schema)
-
-
 def load_training_setup(config: TrainConfig, device: str = "cpu") -> TrainingSetup:
-    """Models, scorer, target and prompt lists for ``config``; nothing is downloaded."""
+    """Models, scorer, target and prompt lists for ``config``; nothing is downloaded. The classifier, target,
+    prompts and preservation entries are resolved first, the diffusion model last."""
+    if (config.model == TOY) != (config.classifier == TOY):
+        raise ValueError("the toy world trains with its own classifier: set both model: toy and classifier: toy")
+    scorer = resolve_scorer(config.classifier, device, training=True).scorer
+    target = resolve_target(config.target, scorer.attributes, "target")
     if config.model == TOY:
         from fair_core.toyworld import load_toy_world
 
         world = load_toy_world(device=device)
-        if config.classifier != TOY:
-            raise ValueError("the toy world trains with its own classifier: set classifier: toy")
         train = [world.prompt(o) for o in world.train_occupations]
         val = [world.prompt(o) for o in world.heldout_occupations]
-        preservation = load_preservation_loss(config.preservation, device)
-        return TrainingSetup(world.parts(), world.train_scorer, parse_target(config.target, world.schema), train, val, preservation)
-    parts = load_diffusion_parts(config.model, base=config.base)
-    scorer = load_scorer(config.classifier, device)
-    schema = {a.name: a for a in scorer.attributes} | {k: v for k, v in DEFAULT_SCHEMA.items() if k not in {a.name for a in scorer.attributes}}
+        preservation = resolve_preservation(config.preservation, config.model, device)
+        return TrainingSetup(world.parts(), scorer, target, train, val, preservation)
     train = list(resolve_prompt_set(config.train_prompts, config.prompt_template).prompts)
     val = list(resolve_prompt_set(config.val_prompts, config.prompt_template).prompts)
-    if "toy" in config.preservation:
-        raise ValueError("preservation: 'toy' is the toy world's view; for Stable Diffusion use clip:DIR and/or dino:DIR")
-    preservation = load_preservation_loss(config.preservation, device)
-    return TrainingSetup(parts, scorer, parse_target(config.target, schema), train, val, preservation)
+    preservation = resolve_preservation(config.preservation, config.model, device)
+    parts = resolve_model_loader(config.model, config.base)()
+    return TrainingSetup(parts, scorer, target, train, val, preservation)

@@ -251,7 +251,8 @@ def test_detected_training_crops_match_the_scorer(tmp_path):
     from skimage import data as skdata
 
     from fair_core.classifiers.train import CropDataset, find_faces
-    from fair_core.faces import DlibLandmarker, FaceFinder, crop_face, image_to_tensor
+    from fair_core.faces import DlibLandmarker, FaceFinder, crop_face
+    from fair_core.images import image_to_tensor
 
     Image.fromarray(skdata.chelsea()).save(tmp_path / "cat.png")
     Image.fromarray(skdata.astronaut()).save(tmp_path / "astronaut.png")

@@ -25,11 +25,9 @@ from fair_core.faces import (
     OnnxFaceDetector,
     chip_transform,
     crop_face,
-    image_to_tensor,
-    load_image,
     square_region,
-    to_rgb_uint8,
 )
+from fair_core.images import image_to_tensor, load_image, to_rgb_uint8
 
 ASTRONAUT_FACE_CENTRE = (223.0, 127.0)  # centre of the face in skimage's astronaut photo (pixels)
 

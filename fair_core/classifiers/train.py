@@ -9,7 +9,7 @@ Label sources (:func:`read_labels`):
   gender female/male, age young/old split at ``old_from`` years (bucket start);
 * CelebA's ``list_attr_celeba.txt``: ``Male`` -> gender, ``Young`` -> age.
 
-Images are read with :func:`fair_core.faces.load_image` (any bit depth / channel layout), then either
+Images are read with :func:`fair_core.images.load_image` (any bit depth / channel layout), then either
 taken as face crops already (centre square, resized) or, after :func:`find_faces`, cropped by the
 same code the scorer uses, so training and use see the same crops (images without a face are left
 out). Training and evaluation classifiers should be
@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from fair_core.classifiers.metadata import FaceCropSpec
 from fair_core.classifiers.model import AttributeClassifier
-from fair_core.faces import Face, FaceFinder, crop_face, crop_square, image_to_tensor, load_image
+from fair_core.faces import Face, FaceFinder, crop_face, crop_square
+from fair_core.images import image_to_tensor, load_image
 from fair_core.targets import DEFAULT_SCHEMA, Attribute
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
