@@ -71,3 +71,34 @@ def distribution_chart(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def audit_chart(result, width: int = 640) -> Image.Image:
+    """The audit's picture: per attribute, the observed class shares among faces with their 95% intervals beside
+    the target shares (an :class:`~fair_core.audit.AuditResult`); an RGB image ``width`` pixels wide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {name: g for name, g in result.summary.overall.groups.items() if " x " not in name}
+    figure, axes = plt.subplots(1, max(1, len(groups)), figsize=(width / 100, 3.2), dpi=100, squeeze=False)
+    for axis, (name, group) in zip(axes[0], groups.items()):
+        positions = np.arange(len(group.classes))
+        observed = np.nan_to_num(np.atleast_1d(np.asarray(group.frequencies.estimate, dtype=float)))
+        low = np.nan_to_num(np.atleast_1d(np.asarray(group.frequencies.low, dtype=float)))
+        high = np.nan_to_num(np.atleast_1d(np.asarray(group.frequencies.high, dtype=float)))
+        errors = np.clip(np.stack([observed - low, high - observed]), 0, None)
+        axis.bar(positions - 0.2, observed, 0.4, yerr=errors, capsize=3, label="observed", color="#4a78c2")
+        axis.bar(positions + 0.2, group.target, 0.4, label="target", color="#bbbbbb")
+        axis.set_xticks(positions, group.classes)
+        axis.set_ylim(0, 1)
+        axis.set_title(f"{name}: distance {group.distance.estimate:.2f}", fontsize=10)
+    overall = result.summary.overall
+    figure.suptitle(f"{overall.num_faces}/{overall.num_images} faces", fontsize=10)
+    axes[0][0].legend(frameon=False, fontsize=8)
+    figure.tight_layout()
+    figure.canvas.draw()
+    picture = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[:, :, :3].copy())
+    plt.close(figure)
+    return picture

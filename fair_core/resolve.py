@@ -124,6 +124,19 @@ def resolve_model_loader(spec: str, base: str | None = None, device: str = "cpu"
     return lambda: load_diffusion_parts(spec, base=base, device=device)
 
 
+def resolve_prompt_lists(model: str, train: str, val: str, template: str | None = None) -> tuple[list[str], list[str]]:
+    """Training and validation prompts: the named sets (files or built-in sets, see
+    :func:`fair_core.prompts.resolve_prompt_set`), or the toy world's own occupations for ``model: toy``."""
+    if model == TOY:
+        from fair_core.toyworld import load_toy_world
+
+        world = load_toy_world()
+        return ([world.prompt(o) for o in world.train_occupations], [world.prompt(o) for o in world.heldout_occupations])
+    from fair_core.prompts import resolve_prompt_set
+
+    return list(resolve_prompt_set(train, template).prompts), list(resolve_prompt_set(val, template).prompts)
+
+
 def resolve_preservation(entries: Sequence[str], model: str, device: str = "cpu"):
     """The image-preservation loss for ``entries`` (``toy``; or ``clip:DIR`` and/or ``dino:DIR``), None if empty;
     ``toy`` only with the toy model, and the encoder folders must exist (checked before any model loads)."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from fair_core.losses import PreservationLoss
 from fair_core.models import DiffusionParts
-from fair_core.prompts import resolve_prompt_set
-from fair_core.resolve import TOY, resolve_model_loader, resolve_preservation, resolve_scorer, resolve_target
+from fair_core.resolve import (TOY, resolve_model_loader, resolve_preservation, resolve_prompt_lists, resolve_scorer,
+                               resolve_target)
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import TargetDistribution
 from fair_core.train_config import TrainConfig
@@ -31,16 +31,7 @@ def load_training_setup(config: TrainConfig, device: str = "cpu") -> TrainingSet
         raise ValueError("the toy world trains with its own classifier: set both model: toy and classifier: toy")
     scorer = resolve_scorer(config.classifier, device, training=True).scorer
     target = resolve_target(config.target, scorer.attributes, "target")
-    if config.model == TOY:
-        from fair_core.toyworld import load_toy_world
-
-        world = load_toy_world(device=device)
-        train = [world.prompt(o) for o in world.train_occupations]
-        val = [world.prompt(o) for o in world.heldout_occupations]
-        preservation = resolve_preservation(config.preservation, config.model, device)
-        return TrainingSetup(world.parts(), scorer, target, train, val, preservation)
-    train = list(resolve_prompt_set(config.train_prompts, config.prompt_template).prompts)
-    val = list(resolve_prompt_set(config.val_prompts, config.prompt_template).prompts)
+    train, val = resolve_prompt_lists(config.model, config.train_prompts, config.val_prompts, config.prompt_template)
     preservation = resolve_preservation(config.preservation, config.model, device)
-    parts = resolve_model_loader(config.model, config.base)()
+    parts = resolve_model_loader(config.model, config.base, device if config.model == TOY else "cpu")()
     return TrainingSetup(parts, scorer, target, train, val, preservation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fair_core.adaptor import read_adaptor
-from fair_core.demo import DemoSettings, run_demo
+from fair_core.toyworld.demo import DemoSettings, run_demo
 from train_cli.main import main
 
 

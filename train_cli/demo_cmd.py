@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from fair_core.demo import DemoSettings
+from fair_core.toyworld.demo import DemoSettings
 from fair_core.toyworld.depth_sweep import format_depth_sweep, run_depth_sweep
 from train_cli.arguments import parse_int_list
 
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         print(format_depth_sweep(summary))
         print(f"[depth-sweep] wrote {out}/depth_sweep.json")
         return 0
-    from fair_core.demo import run_demo
+    from fair_core.toyworld.demo import run_demo
 
     settings = DemoSettings(
         target=args.target, iterations=args.iterations, images_per_prompt=args.images_per_prompt,
