@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,11 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fair_core.alignment import NO_TARGET, assign_targets, dal_loss
 from fair_core.audit import score_records, summarise_records
+from fair_core.checkpoints import Checkpoint, read_latest_checkpoint, write_checkpoint
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
@@ -50,9 +48,6 @@ from fair_core.train_config import TrainConfig
 from fair_core.soft_prompt import SoftPrompt
 from fair_core.trainable import adapters_disabled, add_text_encoder_lora, add_unet_lora
 from fair_core.plots import save_image_grid
-
-CHECKPOINT_PREFIX = "iter_"
-
 
 @dataclass
 class TrainState:
@@ -363,51 +358,37 @@ class FairTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/iter_XXXXXX`` atomically (temp dir + rename) on the main process."""
-        directory = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.iteration:07d}"
+        """Write ``checkpoints/iter_XXXXXXX`` (see :mod:`fair_core.checkpoints`) on the main process."""
+        directory = None
         if self.accelerator.is_main_process:
-            temporary = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-            save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)}, temporary / "trainable.safetensors")
-            save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}, temporary / "ema.safetensors")
-            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
-            torch.save(self.lr_schedule.state_dict(), temporary / "lr_schedule.pt")
             ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-            (temporary / "state.json").write_text(json.dumps({"train_state": self.state.__dict__, "ema": ema_state}))
-            os.replace(temporary, directory)
-            self._prune_checkpoints()
+            directory = write_checkpoint(
+                self.output_dir, self.state.iteration, self.parameters, self.ema.shadow_params,
+                self.optimizer.state_dict(), self.lr_schedule.state_dict(),
+                {"train_state": self.state.__dict__, "ema": ema_state}, keep=self.config.keep_checkpoints,
+            )
         self.accelerator.wait_for_everyone()
         return directory
 
-    def _prune_checkpoints(self) -> None:
-        finished = sorted(latest_checkpoints(self.output_dir))
-        for old in finished[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load_checkpoint(self, directory: Path) -> None:
-        trainable = load_file(directory / "trainable.safetensors")
-        ema = load_file(directory / "ema.safetensors")
-        if len(trainable) != len(self.parameters):
-            raise ValueError(f"checkpoint {directory} holds {len(trainable)} tensors, this run trains {len(self.parameters)}: different config?")
-        for i, parameter in enumerate(self.parameters):
-            parameter.data.copy_(trainable[f"p{i}"])
-            self.ema.shadow_params[i].data.copy_(ema[f"p{i}"])
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.device))
-        self.lr_schedule.load_state_dict(torch.load(directory / "lr_schedule.pt", weights_only=True))
-        saved = json.loads((directory / "state.json").read_text())
-        self.state = TrainState(**saved["train_state"])
-        self.ema.optimization_step = saved["ema"]["optimization_step"]
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        for parameter, trained in zip(self.parameters, checkpoint.trainable):
+            parameter.data.copy_(trained)
+        for shadow, ema in zip(self.ema.shadow_params, checkpoint.ema):
+            shadow.data.copy_(ema)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.lr_schedule.load_state_dict(checkpoint.lr_schedule)
+        self.state = TrainState(**checkpoint.state["train_state"])
+        self.ema.optimization_step = checkpoint.state["ema"]["optimization_step"]
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, on_iteration: Callable[[int, dict], None] | None = None) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         started = time.perf_counter()
         if resume:
-            checkpoints = latest_checkpoints(self.output_dir)
-            if checkpoints:
-                self.load_checkpoint(checkpoints[-1])
-                accelerator.print(f"resumed from {checkpoints[-1]} (iteration {self.state.iteration})")
+            checkpoint = read_latest_checkpoint(self.output_dir, len(self.parameters), log=accelerator.print)
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+                accelerator.print(f"resumed from {checkpoint.path} (iteration {self.state.iteration})")
         if config.log_with:
             accelerator.init_trackers("fair", config={"config": config.to_json()})
         before = self._read_validation("before")
@@ -490,14 +471,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     onto its device, and hand it to :class:`FairTrainer`."""
     return Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with or None,
                        project_dir=config.output_dir, cpu=config.device == "cpu")
-
-
-def latest_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished checkpoints (no temp dirs), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and ".tmp" not in p.name)
 
 
 def _attribute_positions(scorer: AttributeScorer, attributes: Sequence[Attribute]) -> list[int]:
