@@ -108,3 +108,12 @@ def read_latest_checkpoint(output_dir: str | Path, count: int, log=print) -> Che
             os.replace(directory, kept)
             log(f"{error}; kept as {kept.name}, trying the previous checkpoint")
     return None
+
+
+def check_run_folder(output_dir: str | Path, resume: bool) -> None:
+    """Refuse a fresh run into a folder that holds another run's checkpoints (before any model loads): its
+    ``validation_before.json`` and checkpoints would be mixed into the new run. ``resume`` continues it instead."""
+    found = finished_checkpoints(output_dir)
+    if found and not resume:
+        raise ValueError(f"{output_dir} holds another run (checkpoints up to {found[-1].name}); "
+                         "pass --resume to continue it, or set output_dir to a new folder")

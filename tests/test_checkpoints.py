@@ -43,3 +43,13 @@ def test_fresh_run_into_a_used_folder_stops_at_the_first_checkpoint_without_dele
     checkpoint_files = {p: t for p, t in before.items() if p.parts[0] == "checkpoints"}
     assert checkpoint_files and all((tmp_path / p).stat().st_mtime_ns == t for p, t in checkpoint_files.items())
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+
+
+def test_fair_train_refuses_a_used_folder_before_loading_anything(tmp_path, capsys):
+    from train_cli.main import main
+
+    make_trainer(str(tmp_path), 1).fit()
+    code = main(["train", "--set", "model=toy", "--set", "classifier=toy", "--set", "target=colour=uniform",
+                 "--set", f"output_dir={tmp_path}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "holds another run (checkpoints up to iter_0000001)" in error and "--resume" in error

@@ -41,8 +41,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         return 0
+    from fair_core.checkpoints import check_run_folder
     from fair_core.run_setup import load_training_setup
     from fair_core.trainer import FairTrainer, make_accelerator
+
+    check_run_folder(config.output_dir, args.resume)
 
     # The scorer and the preservation encoders must sit where the trainer puts the diffusion model.
     accelerator = make_accelerator(config)
