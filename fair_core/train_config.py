@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -119,10 +121,13 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field with an unusable value."""
+        """Raise ValueError naming the first field with an unusable value (wrong type, then wrong range)."""
+        self._check_types()
         unknown = [t for t in self.trainable if t not in TRAINABLE_CHOICES]
         if not self.trainable or unknown:
             raise ValueError(f"trainable: choose from {', '.join(TRAINABLE_CHOICES)} (got {self.trainable})")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N (or left empty for accelerate's choice), got {self.device!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -156,6 +161,29 @@ class TrainConfig:
                      "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        """Each field against its annotation: the field, the expected type and the value in the message. YAML 1.1
+        reads ``1e-4`` as a string, so number-like strings are accepted for float fields; bools are not ints."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if "float" in kinds and isinstance(value, str):
+                value = _number(f.name, value)
+                setattr(self, f.name, value)
+            if "list[str]" in kinds and isinstance(value, str):
+                continue  # one entry for a list; normalised below
+            if not any(_is_instance(value, kind) for kind in kinds):
+                raise ValueError(f"{f.name} must be {' or '.join(_TYPE_WORDS.get(k, k) for k in kinds)}, "
+                                 f"got {value!r} ({type(value).__name__})")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        for name in ("learning_rate", "lora_alpha", "guidance_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -201,3 +229,32 @@ def config_help() -> str:
             text += f"\n      {docs[f.name]}"
         lines.append(text)
     return "\n".join(lines)
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "None": "empty (null)", "list[str]": "a list of strings", "Any": "any value"}
+
+
+def _is_instance(value: Any, kind: str) -> bool:
+    if kind == "Any":
+        return True
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "list[str]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    raise TypeError(f"TrainConfig has a field of unchecked type {kind!r}")
+
+
+def _number(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {text!r} (str)") from None

@@ -469,6 +469,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's accelerate state: its device (``cuda:<local rank>`` under ``accelerate launch``, the CPU
     with ``device: cpu``), mixed precision and tracker. Build it before the models when they must be loaded
     onto its device, and hand it to :class:`FairTrainer`."""
+    if config.device is not None and config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {config.device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                         "set device: cpu or leave it empty")
     return Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with or None,
                        project_dir=config.output_dir, cpu=config.device == "cpu")
 
