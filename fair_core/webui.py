@@ -1,0 +1,340 @@
+"""What the AUTOMATIC1111 / Forge script (``scripts/fair_adaptors.py``) needs besides the adaptor file itself.
+
+The script only moves values between the web UI and these functions; every rule lives here, testable without a
+web UI:
+
+* :class:`FairSettings` and the infotext keys: what the accordion writes to ``p.extra_generation_params`` and how
+  a pasted infotext restores the accordion (:func:`infotext_params`, :func:`complete_pasted_params`).
+* :func:`adaptor_prompt`: the positive prompt with the adaptor's ``<lora:...>`` tag and the words of its soft
+  tokens at the start (right after BOS, as trained). Negative prompts are never touched.
+* :func:`prepare_adaptor`: read and check a file once per (file, model), with what Forge needs: the embeddings
+  (Forge never reads ``bundle_emb``) at its widths (768 SD1.x, 2048 = clip_l + clip_g SDXL), and a LoRA-only
+  copy when Forge would drop the whole file for too many unknown keys.
+* :func:`audit_target`, :func:`audit_line`, :func:`audit_html`: a batch audit's target, its infotext line and
+  the panel shown under the gallery.
+
+No host application (gradio, ``modules.*``) is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fair_core.adaptor.errors import AdaptorError
+from fair_core.adaptor.hosts import HOST_ENCODERS, AdaptorHeader, prompt_words
+from fair_core.adaptor.reader import read_adaptor
+from fair_core.adaptor.writer import save_adaptor
+from fair_core.audit import AuditResult
+from fair_core.resolve import PRETRAINED, TOY, resolve_audit_scorer, resolve_target
+from fair_core.scoring import AttributeScorer
+from fair_core.targets import Attribute, TargetDistribution
+
+NO_ADAPTOR = "None"
+"""Dropdown choice for "audit only, apply nothing"."""
+INFOTEXT_ADAPTOR = "Fair adaptor"
+INFOTEXT_STRENGTH = "Fair strength"
+INFOTEXT_AUDIT = "Fair audit"
+PASTE_ENABLED = "Fair enabled"
+"""Derived on paste (:func:`complete_pasted_params`), never written: the accordion's toggle."""
+PASTE_AUDIT_ON = "Fair audit on"
+"""Derived on paste, never written: the "audit this batch" checkbox."""
+PASTE_FIELDS = (PASTE_ENABLED, INFOTEXT_ADAPTOR, INFOTEXT_STRENGTH, PASTE_AUDIT_ON)
+"""Infotext key of each accordion input, in the order of :meth:`FairSettings.ui_values`."""
+
+ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+FORGE_ENCODERS = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+FORGE_EMBEDDING_WIDTH = {"sd15": 768, "sdxl": 2048}
+"""Forge's textual-inversion width per base: SDXL embeddings count clip_l + clip_g."""
+FORGE_MAX_UNMATCHED_KEYS = 12
+"""Forge's ``load_lora_for_models`` drops a whole LoRA with more unmatched keys than this."""
+_NETWORK_KEY_UNSAFE = re.compile(r"[:<>,]")
+CLASSIFIER_SUFFIXES = (".onnx", ".safetensors")
+PRETRAINED_CHOICES = (f"{PRETRAINED}gender,age", f"{PRETRAINED}gender", f"{PRETRAINED}age")
+
+
+@dataclass(frozen=True)
+class FairSettings:
+    """The accordion's values, in the order ``ui()`` returns its components.
+
+    Attributes:
+        enabled: the accordion's checkbox; off means the script does nothing at all.
+        adaptor: a dropdown choice (:func:`adaptor_choices`) or :data:`NO_ADAPTOR`.
+        strength: the LoRA multiplier (text encoder and UNet alike).
+        audit: audit each batch (face detection + classifier) against the target.
+    """
+
+    enabled: bool
+    adaptor: str
+    strength: float
+    audit: bool
+
+    @classmethod
+    def from_args(cls, args: Sequence) -> "FairSettings":
+        """From the values a processing hook receives (``*args``), as ``ui()`` ordered them."""
+        enabled, adaptor, strength, audit = args
+        return cls(bool(enabled), str(adaptor or NO_ADAPTOR), float(strength), bool(audit))
+
+    def ui_values(self) -> tuple[bool, str, float, bool]:
+        return self.enabled, self.adaptor, self.strength, self.audit
+
+    @property
+    def applies_adaptor(self) -> bool:
+        return self.enabled and self.adaptor != NO_ADAPTOR
+
+
+def infotext_params(settings: FairSettings) -> dict[str, str]:
+    """What goes into ``p.extra_generation_params`` (the audit adds :data:`INFOTEXT_AUDIT` per batch itself)."""
+    if not settings.applies_adaptor:
+        return {}
+    return {INFOTEXT_ADAPTOR: settings.adaptor, INFOTEXT_STRENGTH: format_number(settings.strength)}
+
+
+def complete_pasted_params(params: dict[str, str]) -> None:
+    """For ``on_infotext_pasted``: add the keys of the toggle and the audit checkbox, which are never written but
+    follow from the others, so that pasting an infotext without our keys switches the accordion off."""
+    audited = INFOTEXT_AUDIT in params
+    params[PASTE_ENABLED] = str(INFOTEXT_ADAPTOR in params or audited)
+    params[PASTE_AUDIT_ON] = str(audited)
+    if audited:
+        params.setdefault(INFOTEXT_ADAPTOR, NO_ADAPTOR)
+
+
+def format_number(value: float) -> str:
+    """``0.8`` not ``0.8000000001``; integers without ``.0``."""
+    return f"{value:.4g}"
+
+
+# ----------------------------------------------------------------------------- adaptor choices and prompts
+def adaptor_choices(headers: Iterable[AdaptorHeader]) -> dict[str, AdaptorHeader]:
+    """Dropdown choice -> header: the adaptor's name (its ``<lora:name>`` alias), or ``name (file name)`` for a
+    later file of the same name."""
+    choices: dict[str, AdaptorHeader] = {}
+    for header in headers:
+        choice = header.name if header.name not in choices else f"{header.name} ({header.path.name})"
+        choices[choice] = header
+    return choices
+
+
+def describe_header_html(header: AdaptorHeader) -> str:
+    """Two lines under the dropdown: the adaptor's label, then its attributes and file."""
+    attributes = ", ".join(f"{a.name} ({'/'.join(a.classes)})" for a in header.attributes) or "none recorded"
+    return f"{html.escape(header.label())}<br>attributes: {html.escape(attributes)}; file: {html.escape(str(header.path))}"
+
+
+def network_key(choice: str, path: Path, taken: Mapping[str, str]) -> str:
+    """The name the built-in Lora knows the file by (``<lora:KEY:w>``): the choice without ``:<>,``, kept if free
+    or already naming ``path`` in ``taken`` (name -> file), else prefixed with ``fair_`` until it is."""
+    key = _NETWORK_KEY_UNSAFE.sub("_", choice)
+    while key in taken and Path(taken[key]).resolve() != path.resolve():
+        key = f"fair_{key}"
+    return key
+
+
+def lora_tag(key: str, strength: float) -> str:
+    return f"<lora:{key}:{format_number(strength)}>"
+
+
+def adaptor_prompt(prompt: str, key: str, strength: float, words: str) -> str:
+    """``prompt`` with ``words`` (soft tokens, right after BOS) at its start and exactly one ``<lora:key:strength>``:
+    tags the user typed for the same network are replaced by ours."""
+    own_tags = re.compile(rf"<lora:{re.escape(key)}(:[^>]*)?>")
+    body = own_tags.sub("", prompt)
+    text = f"{words} {body}" if words and body else words or body
+    return text + lora_tag(key, strength)
+
+
+# ----------------------------------------------------------------------------- reading an adaptor for a host
+@dataclass(frozen=True)
+class ForgeEmbedding:
+    """One soft token as Forge's ``backend.text_processing.textual_inversion.Embedding`` wants it.
+
+    Attributes:
+        name: the prompt word.
+        vec: ``(n, 768)`` for SD1.x; ``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` for SDXL.
+        shape: the embedding width Forge checks (:data:`FORGE_EMBEDDING_WIDTH`).
+        vectors: ``n``, the prompt positions it takes.
+    """
+
+    name: str
+    vec: torch.Tensor | dict[str, torch.Tensor]
+    shape: int
+    vectors: int
+
+
+@dataclass(frozen=True)
+class PreparedAdaptor:
+    """An adaptor checked against the loaded model, with what the script applies.
+
+    Attributes:
+        lora_file: the file the built-in Lora loads (a LoRA-only copy on Forge when needed, else the adaptor).
+        words: the soft tokens' prompt words ("" without tokens).
+        forge_embeddings: the tokens for Forge's text encoders (empty unless prepared for Forge).
+        notes: one line each for what was done to fit the host (printed to the console).
+    """
+
+    lora_file: Path
+    words: str
+    forge_embeddings: tuple[ForgeEmbedding, ...]
+    notes: tuple[str, ...]
+
+
+def prepare_adaptor(path: str | Path, base: str, *, forge: bool, cache_dir: str | Path) -> PreparedAdaptor:
+    """Read and check ``path`` for a loaded model of ``base`` (``sd15``/``sdxl``); cached per file version.
+
+    Raises:
+        AdaptorError: one line, for a malformed file or one made for another base model.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise AdaptorError(f"{path.name}: cannot be read ({error.strerror})") from None
+    return _prepare(path.resolve(), stat.st_mtime_ns, stat.st_size, base, forge, Path(cache_dir))
+
+
+@lru_cache(maxsize=8)
+def _prepare(path: Path, mtime_ns: int, size: int, base: str, forge: bool, cache_dir: Path) -> PreparedAdaptor:
+    if base not in FORGE_EMBEDDING_WIDTH:
+        raise AdaptorError(f"{path.name}: fair adaptors are for SD1.5 and SDXL; the loaded model is {base or 'neither'}")
+    adaptor = read_adaptor(path, expected_base=base)
+    if not forge:
+        return PreparedAdaptor(path, prompt_words(adaptor), (), ())
+    embeddings = tuple(forge_embedding(t.name, t.vectors, base) for t in adaptor.tokens)
+    unmatched = sum(len(t.vectors) for t in adaptor.tokens)
+    if unmatched <= FORGE_MAX_UNMATCHED_KEYS:
+        return PreparedAdaptor(path, prompt_words(adaptor), embeddings, ())
+    digest = hashlib.sha256(f"{path}|{mtime_ns}|{size}".encode()).hexdigest()[:12]
+    copy = cache_dir / f"{path.stem}.lora-only.{digest}.safetensors"
+    if not copy.is_file():
+        save_adaptor(replace(adaptor, tokens=[], header={}), copy)
+    note = (f"{path.name}: Forge drops a LoRA with more than {FORGE_MAX_UNMATCHED_KEYS} unknown keys and this file "
+            f"has {unmatched} soft-token keys, so Forge loads the LoRA-only copy {copy} and the tokens are supplied "
+            "as embeddings")
+    return PreparedAdaptor(copy, prompt_words(adaptor), embeddings, (note,))
+
+
+def forge_embedding(name: str, vectors: Mapping[str, torch.Tensor], base: str) -> ForgeEmbedding:
+    """One token's vectors (keyed by our families ``te``/``te1``/``te2``) as Forge's embedding for ``base``."""
+    host = {HOST_ENCODERS[family]: tensor.detach().float().cpu() for family, tensor in vectors.items()}
+    wanted = FORGE_ENCODERS[base]
+    if tuple(sorted(host)) != tuple(sorted(wanted)):
+        raise AdaptorError(f"soft token {name!r} has vectors for {sorted(host)}, {base} needs {list(wanted)}")
+    for encoder, tensor in host.items():
+        if tensor.ndim != 2 or tensor.shape[1] != ENCODER_WIDTHS[encoder]:
+            raise AdaptorError(f"soft token {name!r}: {encoder} vectors have shape {tuple(tensor.shape)}, "
+                               f"expected (n, {ENCODER_WIDTHS[encoder]})")
+    counts = {int(tensor.shape[0]) for tensor in host.values()}
+    if len(counts) != 1:
+        raise AdaptorError(f"soft token {name!r}: its encoders have different vector counts {sorted(counts)}")
+    shape = sum(int(tensor.shape[1]) for tensor in host.values())
+    vec = host["clip_l"] if base == "sd15" else host
+    return ForgeEmbedding(name, vec, shape, counts.pop())
+
+
+# ----------------------------------------------------------------------------- batch audit
+def classifier_choices(folder: str | Path) -> list[str]:
+    """Settings choices: the offline pretrained networks, then the classifier files under ``folder`` (relative)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix in CLASSIFIER_SUFFIXES) if folder.is_dir() else []
+    return [*PRETRAINED_CHOICES, *(p.relative_to(folder).as_posix() for p in files)]
+
+
+def classifier_spec(choice: str, folder: str | Path) -> str:
+    """What :func:`fair_core.resolve.resolve_audit_scorer` takes for a settings choice: ``pretrained:...`` and
+    ``toy`` as they are, a file name under ``folder`` as its path."""
+    if choice.startswith(PRETRAINED) or choice == TOY:
+        return choice
+    return str(Path(folder) / choice)
+
+
+def audit_scorer(spec: str) -> AttributeScorer:
+    """:func:`fair_core.resolve.resolve_audit_scorer`, kept while the spec (and a file's version) stays the same."""
+    path = Path(spec)
+    version = path.stat().st_mtime_ns if path.is_file() else 0
+    return _audit_scorer(spec, version)
+
+
+@lru_cache(maxsize=2)
+def _audit_scorer(spec: str, version: int) -> AttributeScorer:
+    return resolve_audit_scorer(spec)
+
+
+def batch_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A1111's batch (``PostprocessBatchListArgs.images``: ``(3, H, W)`` in [0, 1] each) -> ``(N, 3, H, W)`` in
+    [-1, 1], what :func:`fair_core.audit.audit_images` takes."""
+    return torch.stack([image.detach().float().cpu() for image in images]).clamp(0, 1) * 2.0 - 1.0
+
+
+def audit_target(adaptor_target: TargetDistribution | None, default_spec: str,
+                 attributes: Sequence[Attribute]) -> TargetDistribution | None:
+    """What a batch is audited against: the applied adaptor's trained target when the classifier predicts all its
+    attributes (same classes), else the settings' default target, else None (uniform).
+
+    Raises:
+        TargetError: the default target does not parse against the classifier's attributes.
+    """
+    known = {(a.name, tuple(a.classes)) for a in attributes}
+    if adaptor_target is not None and all((a.name, tuple(a.classes)) in known for a in adaptor_target.attributes):
+        return adaptor_target
+    if default_spec.strip():
+        return resolve_target(default_spec, attributes, what="default target (Settings > Fair Adaptors)")
+    return None
+
+
+def audit_line(result: AuditResult) -> str:
+    """The infotext summary, without commas or colons (A1111 would quote it), e.g.
+    ``7/8 faces; gender female 43% male 57% (distance 0.07)``."""
+    overall = result.summary.overall
+    parts = [f"{overall.num_faces}/{overall.num_images} faces"]
+    if overall.num_faces == 0:
+        return f"{parts[0]}; no bias figures"
+    for name in result.target.names:
+        group = overall.groups[name]
+        shares = " ".join(f"{c} {f:.0%}" for c, f in zip(group.classes, np.atleast_1d(group.frequencies.estimate)))
+        parts.append(f"{name} {shares} (distance {group.distance.estimate:.2f})")
+    return "; ".join(parts)
+
+
+def audit_html(result: AuditResult, title: str) -> str:
+    """The panel under the gallery: face rate, then per attribute a bar per class (share, its interval, and a
+    mark at the target share), distance to target and bias."""
+    overall = result.summary.overall
+    rate = overall.face_rate
+    rows = [f"<h4>{html.escape(title)}</h4>",
+            f"<p>{overall.num_faces} of {overall.num_images} images with a face (face rate {rate.estimate:.0%}, "
+            f"interval {rate.low:.0%}&ndash;{rate.high:.0%})</p>"]
+    if overall.num_faces == 0:
+        rows.append("<p>No faces: no bias figures.</p>")
+    else:
+        rows += [_group_html(name, overall.groups[name]) for name in result.target.names]
+    return f"<div class='fair-audit'>{''.join(rows)}</div>"
+
+
+def _group_html(name: str, group) -> str:
+    frequencies = group.frequencies
+    bars = "".join(
+        _bar_html(label, share, low, high, target)
+        for label, share, low, high, target in zip(group.classes, np.atleast_1d(frequencies.estimate),
+                                                   np.atleast_1d(frequencies.low), np.atleast_1d(frequencies.high),
+                                                   np.atleast_1d(group.target)))
+    return (f"<table class='fair-audit-group'><caption>{html.escape(name)}: distance to target "
+            f"{group.distance.estimate:.3f} [{group.distance.low:.3f}, {group.distance.high:.3f}], bias "
+            f"{group.bias.estimate:.3f}</caption>{bars}</table>")
+
+
+def _bar_html(label: str, share: float, low: float, high: float, target: float) -> str:
+    bar = (f"<div style='position:relative;width:12em;height:0.9em;background:rgba(128,128,128,0.2)'>"
+           f"<div style='width:{100 * share:.1f}%;height:100%;background:#4a90d9'></div>"
+           f"<div title='target' style='position:absolute;top:-0.2em;left:{100 * target:.1f}%;width:2px;"
+           f"height:1.3em;background:#d9534f'></div></div>")
+    return (f"<tr><td>{html.escape(label)}</td><td>{bar}</td><td>{share:.0%} [{low:.0%}, {high:.0%}]</td>"
+            f"<td>target {target:.0%}</td></tr>")
