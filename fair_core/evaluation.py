@@ -12,6 +12,7 @@ paired grids (same seeds, one row per variant).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from contextlib import ExitStack
@@ -60,8 +61,11 @@ def image_seed(prompt: str, index: int, base_seed: int) -> int:
 
 
 def prompt_slug(prompt: str) -> str:
-    """A file-name-safe, readable stem for a prompt (lower case, ``[a-z0-9_]``, at most 60 characters)."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
+    """A file-name-safe stem for a prompt, unique per prompt: a readable part (lower case ``[a-z0-9_]``, at most
+    50 characters) and 8 hex digits of the prompt's sha256, so prompts differing only in case, punctuation,
+    non-ASCII letters or past the 50th character never share a file."""
+    readable = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:50] or "prompt"
+    return f"{readable}_{hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def check_cache_settings(cache_path: Path, fingerprint: dict) -> None:

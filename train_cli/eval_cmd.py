@@ -102,9 +102,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _headline(summary: dict) -> str:
-    lines = ["bias (mean over prompts, 95% interval):"]
+    """Per variant and group: the distance to the target first (what the user asked for), then Shen et al.'s bias
+    (the distance from uniform), with 95% intervals; variants without faces say so."""
+    lines = ["distance to target | bias (mean over prompts, 95% interval):"]
     for variant, s in summary["summaries"].items():
-        for group, g in s["overall"]["groups"].items():
-            b = g["bias"]
-            lines.append(f"  {variant:>20}  {group}: {b['estimate']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+        overall = s["overall"]
+        if not overall["num_faces"]:
+            lines.append(f"  {variant:>20}  no faces in {overall['num_images']} images: no bias figures")
+            continue
+        for group, g in overall["groups"].items():
+            lines.append(f"  {variant:>20}  {group}: {_figure(g['distance'])} | {_figure(g['bias'])}")
     return "\n".join(lines)
+
+
+def _figure(figure: dict) -> str:
+    if figure.get("estimate") is None:
+        return "-"
+    return f"{figure['estimate']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"

@@ -1,0 +1,48 @@
+"""fair eval with inputs users really give it: folders without a face, prompts whose names collide, an output that
+cannot be written. Each ends in a report or one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from fair_core.evaluation import prompt_slug
+from train_cli.main import main
+
+
+def _noise_folder(root, prompts=("a_noise",), count=3):
+    rng = np.random.default_rng(0)
+    for prompt in prompts:
+        (root / prompt).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(root / prompt / f"{i}.png")
+    return root
+
+
+def test_folder_without_faces_is_reported_and_exits_0(tmp_path, capsys):
+    folder = _noise_folder(tmp_path / "noise")
+    assert main(["eval", "--images", str(folder), "--classifier", "pretrained:gender", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "noise  no faces in 3 images: no bias figures" in out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())["summaries"]["noise"]["overall"]
+    assert summary["num_faces"] == 0 and summary["face_rate"]["estimate"] == 0
+    assert (tmp_path / "o" / "report.html").is_file()
+
+
+def test_prompts_differing_only_in_non_ascii_letters_get_their_own_grids(tmp_path):
+    prompts = ["a photo of a café owner", "a photo of a cafè owner", "A photo of a cafe owner"]
+    assert len({prompt_slug(p) for p in prompts}) == 3
+    assert main(["eval", "--images", str(_noise_folder(tmp_path / "gen", prompts, 2)), "--classifier", "toy",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o" / "grids").glob("*.png"))) == 3
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "report"
+    blocker.write_text("someone's file")
+    code = main(["eval", "--images", str(_noise_folder(tmp_path / "gen")), "--classifier", "toy", "--out", str(blocker)])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and len(error.splitlines()) == 1 and error.startswith(f"error: {blocker}")
+    assert blocker.read_text() == "someone's file"
