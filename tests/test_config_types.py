@@ -47,3 +47,13 @@ def test_fair_train_names_the_field_in_one_line(tmp_path, capsys):
     code = main(["train", "--set", "learning_rate=quick", "--set", f"output_dir={tmp_path}"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and error == "error: learning_rate must be a number, got 'quick' (str)"
+
+
+def test_example_configs_load_and_name_files_our_commands_write():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    configs = {path.name: TrainConfig.from_yaml(path) for path in sorted(root.glob("*.yaml"))}
+    assert len(configs) == 3
+    # `fair classifier pretrained -o classifiers` writes gender-dlib.safetensors (write_pretrained's names)
+    assert configs["sd15_single_24gb.yaml"].classifier == "classifiers/gender-dlib.safetensors"
