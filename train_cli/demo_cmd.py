@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="report folder (default reports/demo or reports/depth-sweep)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); summary.json records it and the CPU's "
+                             "kernel level, which both change the exact figures")
     sweep = parser.add_argument_group("depth-sweep")
     sweep.add_argument("--depths", default=",".join(map(str, sweep_defaults["depths"])),
                        help="UNet layers_per_block values to compare, comma-separated")
@@ -65,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, confidence_threshold=args.confidence_threshold,
         preservation_weight=args.preservation_weight, keep_weight=args.keep_weight, guidance_scale=args.guidance,
         eval_images_per_prompt=args.eval_images_per_prompt, seed=args.seed, output_dir=args.out or "reports/demo",
+        threads=args.threads,
     )
     run_demo(settings)
     return 0

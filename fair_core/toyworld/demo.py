@@ -29,6 +29,8 @@ from fair_core.train_config import TrainConfig
 from fair_core.trainer import FairTrainer
 
 
+DEMO_MARKER = ".fair-demo-training"
+
 @dataclass
 class DemoSettings:
     """Knobs of ``fair demo``; the defaults fit the 5-minute budget on 2 CPU cores."""
@@ -67,6 +69,9 @@ class DemoSettings:
     eval_batch_size: int = 64
     seed: int = 0
     output_dir: str = "reports/demo"
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default). The figures depend on the CPU's kernels (AVX-512 vs AVX2)
+    and can depend on the thread count; ``summary.json`` records both."""
 
     def eval_settings(self) -> EvalSettings:
         """The before/after evaluation, as ``fair eval`` runs it with ``--batch-size eval_batch_size``."""
@@ -133,8 +138,11 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     from fair_core.toyworld.world import content_change
 
     started = time.perf_counter()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_own_training_folder(Path(settings.train_config().output_dir))
     world = load_toy_world()
     target = TargetDistribution.parse(settings.target, world.schema)
     prompts = [world.prompt(o) for o in world.heldout_occupations]
@@ -147,7 +155,6 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
 
     log(f"[demo] training a fair adaptor on {len(world.train_occupations)} occupations, {settings.iterations} iterations")
     config = settings.train_config()
-    shutil.rmtree(config.output_dir, ignore_errors=True)
     train_prompts = [world.prompt(o) for o in world.train_occupations]
     trainer = FairTrainer(config, world.parts(), world.train_scorer, target, train_prompts, prompts[:2],
                           preservation=resolve_preservation(config.preservation, config.model))
@@ -178,6 +185,9 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         save_image_grid(before_images[prompt][:16], out / f"grid_{stem}_before.png", columns=8, upscale=4)
         save_image_grid(after_images[prompt][:16], out / f"grid_{stem}_after.png", columns=8, upscale=4)
     figures["wall_seconds"] = time.perf_counter() - started
+    # The same seed gives different adaptors with AVX-512 and AVX2 kernels: record which ones ran.
+    figures["machine"] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__}
     (out / "summary.json").write_text(json.dumps(figures, indent=2))
     log(_headline(figures, target.names))
     log(f"[demo] report: {out}/ (summary.json, chart_*.png, grid_*_before/after.png, {adaptor_path.name})")
@@ -185,6 +195,18 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         f"{out / 'heldout_prompts.txt'} --classifier toy --images-per-prompt {settings.eval_images_per_prompt} "
         f"--steps {settings.eval_steps} --guidance {settings.guidance_scale} --batch-size {settings.eval_batch_size} --seed {settings.seed} --target '{settings.target}' --out {out / 'eval'}")
     return figures
+
+
+def _clear_own_training_folder(folder: Path) -> None:
+    """Empty the demo's training folder for a rerun, but only one the demo wrote (it carries a marker file):
+    a folder of anything else under that name is refused, never deleted."""
+    marker = folder / DEMO_MARKER
+    if folder.exists():
+        if not marker.is_file():
+            raise ValueError(f"{folder} exists and was not written by fair demo; choose another --out")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    marker.write_text("written by fair demo; rerunning the demo replaces this folder\n")
 
 
 def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts: Sequence[str],
