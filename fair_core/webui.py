@@ -127,7 +127,8 @@ def adaptor_choices(headers: Iterable[AdaptorHeader]) -> dict[str, AdaptorHeader
 def describe_header_html(header: AdaptorHeader) -> str:
     """Two lines under the dropdown: the adaptor's label, then its attributes and file."""
     attributes = ", ".join(f"{a.name} ({'/'.join(a.classes)})" for a in header.attributes) or "none recorded"
-    return f"{html.escape(header.label())}<br>attributes: {html.escape(attributes)}; file: {html.escape(str(header.path))}"
+    return (f"{html.escape(header.label())}<br>attributes: {html.escape(attributes)}; "
+            f"file: {html.escape(str(header.path))}")
 
 
 def network_key(choice: str, path: Path, taken: Mapping[str, str]) -> str:
@@ -204,7 +205,8 @@ def prepare_adaptor(path: str | Path, base: str, *, forge: bool, cache_dir: str 
 @lru_cache(maxsize=8)
 def _prepare(path: Path, mtime_ns: int, size: int, base: str, forge: bool, cache_dir: Path) -> PreparedAdaptor:
     if base not in FORGE_EMBEDDING_WIDTH:
-        raise AdaptorError(f"{path.name}: fair adaptors are for SD1.5 and SDXL; the loaded model is {base or 'neither'}")
+        raise AdaptorError(f"{path.name}: fair adaptors are for SD1.5 and SDXL; "
+                           f"the loaded model is {base or 'neither'}")
     adaptor = read_adaptor(path, expected_base=base)
     if not forge:
         return PreparedAdaptor(path, prompt_words(adaptor), (), ())

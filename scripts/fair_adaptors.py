@@ -225,11 +225,15 @@ class FairAdaptorScript(scripts.Script):
             p.all_hr_prompts[batch] = originals
             self.run.hires_originals = None
         if self.run.audit is not None and pp.images:
-            self.audit_batch(p, pp.images, batch_number)
+            try:
+                self.audit_batch(p, pp.images, batch_number)
+            except (ValueError, RuntimeError, ImportError) as error:  # the images are kept whatever happens
+                report(p, f"Fair audit of batch {batch_number + 1} failed: {error}")
 
     def audit_batch(self, p, images, batch_number: int) -> None:
         setup = self.run.audit
-        result = audit_images(webui.batch_images(images), setup.scorer, setup.target, prompt=f"batch {batch_number + 1}")
+        result = audit_images(webui.batch_images(images), setup.scorer, setup.target,
+                              prompt=f"batch {batch_number + 1}")
         line = webui.audit_line(result)
         p.extra_generation_params[webui.INFOTEXT_AUDIT] = line
         self.run.panels.append(webui.audit_html(result, f"Fair audit, batch {batch_number + 1}"))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fair_core import webui
-from fair_core.adaptor import AdaptorError, FairAdaptor, FairMetadata, LoraWeights, SoftTokens, read_adaptor, save_adaptor
+from fair_core.adaptor import (AdaptorError, FairAdaptor, FairMetadata, LoraWeights, SoftTokens, read_adaptor,
+                               save_adaptor)
 from fair_core.adaptor.hosts import read_adaptor_header
 from fair_core.audit import AuditResult, summarise_records
 from fair_core.targets import Attribute, TargetDistribution, TargetError
@@ -152,9 +153,11 @@ def test_forge_gets_a_lora_only_copy_past_twelve_token_keys_made_once_per_file_v
     assert all(torch.equal(copy.lora[k].up, original.lora[k].up) for k in copy.lora)
     assert len(prepared.forge_embeddings) == 13 and "13 soft-token keys" in prepared.notes[0]
     made = prepared.lora_file.stat().st_mtime_ns
-    assert webui.prepare_adaptor(path, "sd15", forge=True, cache_dir=tmp_path / "cache").lora_file.stat().st_mtime_ns == made
+    again = webui.prepare_adaptor(path, "sd15", forge=True, cache_dir=tmp_path / "cache")
+    assert again.lora_file.stat().st_mtime_ns == made
     os.utime(path, ns=(made + 10**9, made + 10**9))
-    assert webui.prepare_adaptor(path, "sd15", forge=True, cache_dir=tmp_path / "cache").lora_file != prepared.lora_file
+    changed = webui.prepare_adaptor(path, "sd15", forge=True, cache_dir=tmp_path / "cache")
+    assert changed.lora_file != prepared.lora_file
 
 
 # ----------------------------------------------------------------------------- audit

@@ -178,7 +178,8 @@ def embeddings_at_conditioning(model: ForgeModel) -> list[dict]:
     return seen
 
 
-@pytest.mark.parametrize("base, width, encoders", [("sd15", 768, None), ("sdxl", 2048, {"clip_l": 768, "clip_g": 1280})])
+@pytest.mark.parametrize("base, width, encoders",
+                         [("sd15", 768, None), ("sdxl", 2048, {"clip_l": 768, "clip_g": 1280})])
 def test_forge_gets_the_tokens_as_embeddings_of_its_width(models, base, width, encoders):
     path = write_test_adaptor(models / "Lora" / "a.safetensors", base=base, name="nurse_fair", vectors=3)
     tab = make_tab(models, forge=True)
@@ -296,7 +297,8 @@ def test_settings_page_lists_the_pretrained_networks_and_classifier_files(models
     make_tab(models)
     info = shared.opts.data_labels["fair_adaptors_classifier"]
     assert info.section == ("fair_adaptors", "Fair Adaptors")
-    assert info.component_args()["choices"] == ["pretrained:gender,age", "pretrained:gender", "pretrained:age", "race.onnx"]
+    assert info.component_args()["choices"] == [
+        "pretrained:gender,age", "pretrained:gender", "pretrained:age", "race.onnx"]
     assert {"fair_adaptors_target", "fair_adaptors_audit", "fair_adaptors_strength"} <= set(shared.opts.data_labels)
 
 
@@ -305,7 +307,8 @@ def test_install_adds_only_what_is_missing_and_never_torch(standins, monkeypatch
 
     launch.installed = {"diffusers", "transformers", "safetensors", "accelerate", "numpy", "scipy", "tqdm",
                         "matplotlib", "pyyaml", "onnx", "pillow", "tensorboard", "onnxruntime-gpu", "torch"}
-    spec = importlib.util.spec_from_file_location("fair_adaptors_install", Path(__file__).resolve().parents[2] / "install.py")
+    install_py = Path(__file__).resolve().parents[2] / "install.py"
+    spec = importlib.util.spec_from_file_location("fair_adaptors_install", install_py)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     first, second = launch.pip_commands
     assert first.startswith('install "peft>=0.12" "dlib-bin==20.0.1" -c ') and "torch" not in first.split(" -c ")[0]

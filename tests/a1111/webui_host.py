@@ -30,7 +30,7 @@ def write_test_adaptor(path: Path, base: str = "sd15", name: str = "nurse_fair",
         lora[f"lora_{family}_text_model_encoder_layers_0_self_attn_q_proj"] = LoraWeights(
             torch.randn(2, width, generator=generator), torch.randn(width, 2, generator=generator), 2.0)
     soft = [SoftTokens(name if i == 0 else f"{name}{i}",
-                       {family: torch.randn(vectors, WIDTHS[family], generator=generator) for family in TEXT_FAMILIES[base]})
+                       {f: torch.randn(vectors, WIDTHS[f], generator=generator) for f in TEXT_FAMILIES[base]})
             for i in range(tokens)]
     target = TargetDistribution.uniform((TOY_SCHEMA["colour"],))
     metadata = FairMetadata(base_model=base, name=name, target=target)
@@ -38,7 +38,8 @@ def write_test_adaptor(path: Path, base: str = "sd15", name: str = "nurse_fair",
 
 
 class A1111Model:
-    """A loaded checkpoint as the script sees it on A1111 1.10 (``modules/sd_models.py`` sets ``is_sdxl``/``is_sd1``)."""
+    """A loaded checkpoint as the script sees it on A1111 1.10 (``modules/sd_models.py`` sets ``is_sdxl`` and
+    ``is_sd1``)."""
 
     def __init__(self, base: str) -> None:
         self.is_sdxl = base == "sdxl"
@@ -110,9 +111,8 @@ class Tab:
     def generate(self, model, **fields):
         from modules import processing
 
-        p = processing.StableDiffusionProcessing(sd_model=model, scripts=self.runner,
-                                                 script_args=[c.value if c is not None else None for c in self.runner.inputs],
-                                                 **fields)
+        values = [c.value if c is not None else None for c in self.runner.inputs]
+        p = processing.StableDiffusionProcessing(sd_model=model, scripts=self.runner, script_args=values, **fields)
         return p, processing.process_images(p)
 
     def paste(self, infotext: str) -> list:
