@@ -285,6 +285,30 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
 
+def test_the_content_hash_follows_the_tensors_not_the_old_header(tmp_path):
+    """A re-saved adaptor gets the hash of its new tensors; a third party's stale sshs_legacy_hash is not copied."""
+    trained = lora_models("sd15", *CONFIGS["sd15"])
+    path = tmp_path / "a.safetensors"
+    write_adaptor(path, unet=trained.unet, metadata=FairMetadata(base_model="sd15"))
+    adaptor = read_adaptor(path)
+    adaptor.metadata.extra["sshs_legacy_hash"] = "deadbeef"
+    weights = next(iter(adaptor.lora.values()))
+    weights.up = weights.up + 1.0
+    save_adaptor(adaptor, tmp_path / "b.safetensors")
+    again = read_adaptor(tmp_path / "b.safetensors")  # verifies the new hash
+    assert again.header["sshs_model_hash"] != adaptor.header["sshs_model_hash"]
+    assert "sshs_legacy_hash" not in again.header
+
+
+def test_writer_refuses_float64_and_integer_tensors(tmp_path):
+    """Loaders apply only float LoRA tensors faithfully: float64, integer and bool weights are refused on writing."""
+    trained = lora_models("sd15", *CONFIGS["sd15"])
+    with pytest.raises(AdaptorError, match=r"lora_down.weight has dtype float64; .* must be floating point: F16"):
+        write_adaptor(tmp_path / "a.safetensors", unet=trained.unet, metadata=FairMetadata(base_model="sd15"),
+                      dtype=torch.float64)
+    assert not list(tmp_path.iterdir())
+
+
 def test_writer_refuses_non_finite_weights(tmp_path):
     trained = lora_models("sd15", *CONFIGS["sd15"])
     layer = trained.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_k")

@@ -182,3 +182,65 @@ def test_convert_paper_writes_a_valid_sd15_adaptor(tmp_path, capsys):
 
     code, _, err = run_cli(capsys, "convert-paper", tmp_path / "missing.pth", "-o", tmp_path / "x.safetensors")
     assert code == 2 and err == f"error: {tmp_path / 'missing.pth'}: no such file\n"
+
+
+def _paper_files(folder: Path) -> list[Path]:
+    """A minimal released-checkpoint set: one text-encoder LoRA layer and the soft tokens."""
+    generator = torch.Generator().manual_seed(1)
+    torch.save({
+        "text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight": torch.randn(4, 32, generator=generator),
+        "text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight": torch.randn(37, 4, generator=generator),
+    }, folder / "text_encoder_lora_EMA.pth")
+    torch.save({"token_embedding.weight": torch.randn(6, 32, generator=generator)}, folder / "prefix_embedding_EMA.pth")
+    return [folder / "text_encoder_lora_EMA.pth", folder / "prefix_embedding_EMA.pth"]
+
+
+@pytest.mark.parametrize("alias", ["same path", "relative path", "symlink", "hard link"])
+def test_convert_paper_never_overwrites_its_input(alias, tmp_path, capsys, monkeypatch):
+    """`convert-paper X.pth -o X.pth` (or another name for the same file) is refused and X.pth is kept."""
+    sources = _paper_files(tmp_path)
+    before = sources[0].read_bytes()
+    output = {
+        "same path": sources[0],
+        "relative path": Path("sub") / ".." / sources[0].name,
+        "symlink": tmp_path / "link.safetensors",
+        "hard link": tmp_path / "hard.safetensors",
+    }[alias]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    if alias == "symlink":
+        output.symlink_to(sources[0])
+    elif alias == "hard link":
+        os.link(sources[0], output)
+    code, out, err = run_cli(capsys, "convert-paper", *sources, "-o", output)
+    assert code == 2 and out == ""
+    assert err.startswith("error: refusing to write ") and err.count("\n") == 1, err
+    assert "outputs never overwrite inputs" in err
+    assert sources[0].read_bytes() == before
+
+
+def test_inspect_notes_a_missing_hash_and_verifies_a_present_one(adaptor_files, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "inspect", adaptor_files / "sd15.safetensors")
+    assert code == 0 and "content hash: sha256 " in out and "(tensor data verified)" in out
+    save_file(lora_tensors(), str(tmp_path / "plain.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "plain.safetensors")
+    assert code == 0 and err == ""
+    assert "content hash: none (note: written without sshs_model_hash" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float64])
+def test_inspect_refuses_an_alpha_that_is_not_float(dtype, tmp_path, capsys):
+    """Integer (and float64) alphas are refused like any non-float tensor, naming the key and the dtype."""
+    tensors = lora_tensors() | {f"{UNET_PREFIX}.alpha": torch.tensor(4).to(dtype)}
+    save_file(tensors, str(tmp_path / "alpha.safetensors"))
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "alpha.safetensors")
+    assert code == 2
+    assert err == (f"error: tensor {UNET_PREFIX}.alpha has dtype {str(dtype).removeprefix('torch.')}; LoRA, alpha "
+                   "and soft-token tensors must be floating point: F16, BF16, F32\n")
+
+
+def test_ss_network_dim_that_is_not_a_number_is_named(tmp_path, capsys):
+    save_file(lora_tensors(), str(tmp_path / "dim.safetensors"), metadata={"ss_network_dim": "²"})
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "dim.safetensors")
+    assert code == 2
+    assert err == "error: metadata ss_network_dim must be a whole number (the LoRA rank) or 'Dynamic', got \"²\"\n"

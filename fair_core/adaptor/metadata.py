@@ -91,11 +91,12 @@ class FairMetadata:
             )
 
     def to_metadata(self) -> dict[str, str]:
-        """The header keys this metadata owns (everything but :data:`TENSOR_KEYS`)."""
+        """The header keys this metadata owns (everything but :data:`TENSOR_KEYS`, which are never taken from
+        :attr:`extra`: they describe tensors that may have changed)."""
         if self.base_model is None:
             raise AdaptorError("base_model must be set ('sd15' or 'sdxl'): loaders need ss_base_model_version")
         base = self.base_model
-        header = dict(self.extra)
+        header = {key: value for key, value in self.extra.items() if key not in TENSOR_KEYS}
         header.update({
             "ss_network_module": "networks.lora",
             "ss_base_model_version": KOHYA_BASE_VERSION[base],

@@ -25,6 +25,7 @@ from fair_core.adaptor.validate import base_from_keys, check_dtype, check_tensor
 from fair_core.terminal import escape, shown_path
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_PICKLE_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save: zip, or pickle
 _FILE_KINDS = {
     stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
     stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
@@ -82,8 +83,11 @@ def read_safetensors(path: str | Path, check_keys: Callable[[Iterable[str]], Non
         tensors = load(blob)
     except SafetensorError as error:
         raise AdaptorError(f"{name}: {_describe(error)}") from None
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # a dtype torch cannot hold, e.g.
-        raise AdaptorError(f"{name}: tensors that torch cannot load ({escape(str(error))})") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # a dtype this torch has no type for
+        raise AdaptorError(
+            f"{name}: a tensor dtype this torch cannot load ({escape(str(error))}); LoRA, alpha and soft-token "
+            "tensors must be F16, BF16 or F32"
+        ) from None
     length = int.from_bytes(blob[:HEADER_LENGTH_BYTES], "little")
     metadata = json.loads(blob[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + length]).get("__metadata__") or {}
     return SafetensorsFile(tensors, dict(metadata), data_sha256(blob))
@@ -180,7 +184,13 @@ def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[It
         raise AdaptorError(f"{name}: empty file (0 bytes), not a safetensors file")
     if size < HEADER_LENGTH_BYTES:
         raise AdaptorError(f"{name}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
-    length = int.from_bytes(file.read(HEADER_LENGTH_BYTES), "little")
+    start = file.read(HEADER_LENGTH_BYTES)
+    if start.startswith(_PICKLE_STARTS):
+        raise AdaptorError(
+            f"{name}: not a safetensors file but a torch checkpoint (pickle), which is never unpickled here; "
+            "convert the paper's .pth files with `fair adaptor convert-paper`"
+        )
+    length = int.from_bytes(start, "little")
     if length > min(MAX_HEADER_BYTES, size - HEADER_LENGTH_BYTES):
         raise AdaptorError(
             f"{name}: not a safetensors file, or its header is damaged or truncated "
