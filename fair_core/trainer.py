@@ -55,6 +55,8 @@ class TrainState:
 
     iteration: int = 0
     skipped_steps: int = 0
+    faceless_steps: int = 0
+    """Iterations skipped because no image had a face (also counted in ``skipped_steps``)."""
     images_without_face: int = 0
     images_seen: int = 0
     history: list[dict] = field(default_factory=list)
@@ -293,9 +295,9 @@ class FairTrainer:
             total += float(trace.backward(loss_fn).loss)
         return total
 
-    def _accumulate(self, slot: int) -> tuple[float, int, str]:
+    def _accumulate(self, slot: int) -> tuple[float, int, int, str]:
         """Sample, assign and accumulate the gradient of one prompt slot: (this process's loss share, images
-        with a target over all processes, the prompt)."""
+        with a target over all processes, images without a face over all processes, the prompt)."""
         prompt, steps, seeds = self.iteration_plan(slot)
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
         traces = self._trace(prompt, noise, steps)
@@ -305,26 +307,31 @@ class FairTrainer:
         loss = self._gradient_pass(traces, noise, labels, reference)
         self.state.images_without_face += no_face
         kept = int(self.accelerator.reduce((labels >= 0).any(dim=1).sum(), reduction="sum").item())
-        return loss, kept, prompt
+        return loss, kept, no_face, prompt
 
     def train_iteration(self, iteration: int) -> dict:
         self.optimizer.zero_grad(set_to_none=False)
         count = self.config.prompts_per_iteration
-        losses, kept, prompts = zip(*(self._accumulate(slot) for slot in range(iteration * count, (iteration + 1) * count)))
+        losses, kept, no_face, prompts = zip(*(self._accumulate(slot) for slot in range(iteration * count, (iteration + 1) * count)))
         loss = float(self.accelerator.reduce(torch.tensor([sum(losses)], device=self.device), reduction="sum").item())
         for parameter in self.parameters:  # each process holds d(its share of the mean loss)/d(theta)
             # None where this process had nothing to learn from its images; every process must join the sum
             local = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
             parameter.grad = self.accelerator.reduce(local.contiguous(), reduction="sum")
         finite = math.isfinite(loss) and all(bool(torch.isfinite(p.grad).all()) for p in self.parameters)
-        if finite:
+        # No face in any image: nothing to align, and a step on zero gradients would still move the weights
+        # (AdamW's decay, the EMA), so the iteration is skipped and counted.
+        faceless = sum(no_face) == self.config.images_per_prompt * count
+        if finite and not faceless:
             self.optimizer.step()
             self.ema.step(self.parameters)
         else:
             self.state.skipped_steps += 1
+            self.state.faceless_steps += int(faceless)
         self.lr_schedule.step()  # the schedule follows iterations, skipped or not
         self.state.images_seen += self.config.images_per_prompt * count
-        return {"loss": loss, "kept_targets": sum(kept), "skipped": not finite, "prompts": list(prompts)}
+        return {"loss": loss, "kept_targets": sum(kept), "skipped": faceless or not finite, "faceless": faceless,
+                "prompts": list(prompts)}
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -411,7 +418,11 @@ class FairTrainer:
                 accelerator.log({f"val/{k}": v for k, v in _flat_numbers(summary).items()}, step=self.state.iteration)
                 self.state.history.append({"iteration": self.state.iteration, "validation": summary})
             # val_bias: from the latest validation (every validate_every iterations), not from this iteration's batch
-            progress.set_postfix(loss=f"{record['loss']:.3f}", val_bias=latest_bias, skipped=self.state.skipped_steps)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", val_bias=latest_bias, skipped=self.state.skipped_steps,
+                                 no_face=self.state.faceless_steps)
+            if record["faceless"]:
+                progress.write(f"iteration {self.state.iteration}: no image of {record['prompts']} had a face; step skipped")
+            _stop_if_mostly_faceless(self.state)
             if on_iteration is not None:
                 on_iteration(iteration, record)
             if self.state.iteration % config.checkpoint_every == 0 or self.state.iteration == config.iterations:
@@ -474,6 +485,14 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                          "set device: cpu or leave it empty")
     return Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with or None,
                        project_dir=config.output_dir, cpu=config.device == "cpu")
+
+
+def _stop_if_mostly_faceless(state: TrainState, grace: int = 4) -> None:
+    """Stop a run in which most iterations so far (after ``grace``) had no face at all: it is not training."""
+    if state.iteration > grace and 2 * state.faceless_steps > state.iteration:
+        raise ValueError(f"{state.faceless_steps} of {state.iteration} iterations had no face in any image: the "
+                         "face detector finds none at this resolution or with these prompts; check a sample image "
+                         "(samples/), raise resolution, or use prompts that show a person's face")
 
 
 def _attribute_positions(scorer: AttributeScorer, attributes: Sequence[Attribute]) -> list[int]:
