@@ -22,7 +22,8 @@ from typing import Callable
 from fair_core.adaptor import BASES, FairAdaptor, SoftTokens, convert_paper_checkpoints, read_adaptor, save_adaptor
 from fair_core.adaptor.checksum import HASH_KEY
 from fair_core.adaptor.errors import AdaptorError
-from fair_core.targets import TargetDistribution
+from fair_core.resolve import resolve_target
+from fair_core.targets import DEFAULT_SCHEMA
 from fair_core.terminal import escape, shown_path
 
 _MAX_VALUE_CHARS = 100
@@ -83,7 +84,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     _refuse_overwriting_inputs(args.sources, args.output)
-    target = TargetDistribution.load(args.target) if args.target else None
+    # the released checkpoints were trained on the paper's attributes: that schema is the classifier's here
+    target = resolve_target(args.target, tuple(DEFAULT_SCHEMA.values()), "--target") if args.target else None
     adaptor = convert_paper_checkpoints(
         args.sources, name=args.name or args.output.stem, token_name=args.token_name, target=target
     )
