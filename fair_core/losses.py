@@ -120,6 +120,18 @@ def scale_gradient_in_boxes(images: torch.Tensor, boxes: torch.Tensor, factor: t
     return _ScaleGradient.apply(images, scale)
 
 
+def square_boxes(boxes: torch.Tensor, expand: float) -> torch.Tensor:
+    """The official code's ``expand_bbox(box, expand, target_ratio=1)`` on boxes ``(N, 4)`` xyxy (NaN stays NaN).
+
+    The longer side grows by ``expand`` times itself, the shorter to the same length, both about the box
+    centre; each edge is rounded to a whole pixel (half to even). The result may reach outside the image.
+    """
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = (1.0 + expand) * torch.maximum(width, height)
+    grow = torch.stack([side - width, side - height], dim=1) * 0.5  # (N, 2): x and y margins
+    return torch.round(torch.cat([boxes[:, :2] - grow, boxes[:, 2:] + grow], dim=1))
+
+
 def intersect_boxes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise intersection of boxes ``(N, 4)`` xyxy; NaN where either is NaN or they do not overlap."""
     out = torch.cat([torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])], dim=1)
@@ -142,9 +154,10 @@ def preservation_factors(
         original: the frozen model's image's predicted classes ``(N, A)``.
         has_face: ``(N,)`` whether the current image has a face.
 
-    An attribute "differs" where its target is -1 or not the original class. ``w`` and ``factor2``
-    are 1 where nothing differs, else the minimum of the differing attributes' factors; images
-    without a face get the minimum factor over all attributes (the paper's multi-attribute rule).
+    An attribute "differs" where its target is -1 or not the original class (-1 where the frozen image
+    has no face). ``w`` and ``factor2`` are 1 where nothing differs, else the minimum of the differing
+    attributes' factors. Images without a face get weight 1 for a single attribute (the official gender
+    and race runs) and the minimum factor over all attributes for several (its joint runs).
     """
     f1 = torch.tensor([factor1.get(n, FALLBACK_FACTOR) for n in attributes], dtype=torch.float32, device=targets.device)
     f2 = torch.tensor([factor2.get(n, FALLBACK_FACTOR) for n in attributes], dtype=torch.float32, device=targets.device)
@@ -152,7 +165,8 @@ def preservation_factors(
     weight = torch.where(differs, f1, torch.ones_like(f1)).amin(dim=1)
     scale = torch.where(differs, f2, torch.ones_like(f2)).amin(dim=1)
     no_face = ~has_face.to(targets.device)
-    return torch.where(no_face, f1.min(), weight), torch.where(no_face, f2.min(), scale)
+    no_face_weight = f1.new_ones(()) if len(attributes) == 1 else f1.min()
+    return torch.where(no_face, no_face_weight, weight), torch.where(no_face, f2.min(), scale)
 
 
 class PreservationLoss(nn.Module):

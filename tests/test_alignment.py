@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fair_core.alignment import NO_TARGET, assign_targets, assign_to_counts, assignment_cost, dal_loss
+from scipy.stats import binom
+
+from fair_core.alignment import (
+    NO_TARGET, assign_targets, assign_to_counts, assignment_cost, binary_plan, count_vectors, dal_loss, enumerated_plan,
+    resolve_method, sampled_plan,
+)
 from fair_core.targets import Attribute, TargetDistribution
 
 GENDER = Attribute("gender", ("female", "male"))
@@ -270,3 +275,90 @@ def test_dal_loss_ignores_non_finite_logits_of_untargeted_images():
 def test_dal_loss_rejects_bad_labels(labels, message):
     with pytest.raises(ValueError, match=message):
         dal_loss([torch.zeros(2, 2), torch.zeros(2, 4)], labels)
+
+
+# ----------------------------------------------------------------------------- exact expectations
+def test_binary_closed_form_is_the_official_exp1_rule():
+    """exp-1: rank by P(male) ascending; rank r < N/2 -> female; uncertainty = the Binomial(N, 0.5) CDF."""
+    rng = np.random.default_rng(20)
+    p_male = rng.uniform(size=24)
+    target = TargetDistribution.uniform([GENDER])
+    result = assign_targets([np.stack([1 - p_male, p_male], 1)], target, method="auto")
+    rank = np.argsort(np.argsort(p_male))
+    official_target = np.where(rank < 24 * 0.5, 0, 1)
+    official_uncertainty = np.where(official_target == 1, 1 - binom.cdf(rank, 24, 0.5), binom.cdf(rank, 24, 0.5))
+    np.testing.assert_allclose(result.confidence[:, 0], 1 - official_uncertainty, atol=1e-12)
+    np.testing.assert_array_equal(result.labels[:, 0], np.where(official_uncertainty <= 0.2, official_target, NO_TARGET))
+
+
+def test_enumeration_equals_the_closed_form_on_two_classes():
+    rng = np.random.default_rng(21)
+    for share in (0.5, 0.75):
+        target = TargetDistribution((GENDER,), np.array([share, 1 - share]))
+        cost = assignment_cost(random_probs(rng, 9, (2,)), target)
+        np.testing.assert_allclose(enumerated_plan(cost, target.flat()), binary_plan(cost, share), atol=1e-12)
+
+
+@pytest.mark.parametrize("attributes, shares, n", [
+    ([GENDER], (0.75, 0.25), 16), ([RACE4], (0.25,) * 4, 8), ([GENDER, RACE2], (0.4, 0.1, 0.2, 0.3), 6)])
+def test_exact_and_sampled_plans_agree_in_expectation(attributes, shares, n):
+    rng = np.random.default_rng(22)
+    target = TargetDistribution(tuple(attributes), np.array(shares).reshape(target_shape(attributes)))
+    cost = assignment_cost(random_probs(rng, n, [len(a.classes) for a in attributes]), target)
+    exact = binary_plan(cost, shares[0]) if len(shares) == 2 else enumerated_plan(cost, target.flat())
+    sampled = sampled_plan(cost, target.flat(), 20_000, np.random.default_rng(0))
+    np.testing.assert_allclose(exact.sum(axis=1), 1.0, atol=1e-12)
+    assert np.abs(exact - sampled).max() < 0.015  # 4.3 standard errors of a 20,000-sample mean at most
+    assert np.abs(exact - sampled_plan(cost, target.flat(), 100, np.random.default_rng(0))).max() > 0.01
+
+
+def target_shape(attributes):
+    return tuple(len(a.classes) for a in attributes)
+
+
+def test_exact_assignment_has_no_variance_and_sampling_has():
+    rng = np.random.default_rng(23)
+    for attribute in (GENDER, RACE4):
+        target = TargetDistribution.uniform([attribute])
+        probs = random_probs(rng, 12, (len(attribute.classes),))
+        exact = [assign_targets(probs, target, method="auto", seed=seed).plan for seed in range(4)]
+        sampled = [assign_targets(probs, target, method="sampled", seed=seed).plan for seed in range(4)]
+        assert all(np.array_equal(exact[0], plan) for plan in exact[1:])
+        assert np.stack(sampled).std(axis=0).max() > 0.01
+
+
+def test_auto_is_exact_where_cheap_and_samples_otherwise():
+    assert resolve_method("auto", 24, np.full(2, 0.5)) == "binary"
+    assert resolve_method("auto", 32, np.full(4, 0.25)) == "enumerated"  # exp-6: 6,545 count vectors
+    assert resolve_method("auto", 32, np.full(8, 0.125)) == "sampled"  # exp-3: 15 million
+    assert resolve_method("exact", 5, np.full(8, 0.125)) == "enumerated"
+    assert resolve_method("sampled", 24, np.full(2, 0.5)) == "sampled"
+    with pytest.raises(ValueError, match="assignment method"):
+        resolve_method("optimal", 24, np.full(2, 0.5))
+
+
+def test_count_vectors_are_all_compositions_with_multinomial_probabilities():
+    counts, probabilities = count_vectors(5, np.array([0.5, 0.0, 0.3, 0.2]))
+    expected = [c for c in itertools.product(range(6), repeat=4) if sum(c) == 5 and c[1] == 0]
+    assert sorted(map(tuple, counts.tolist())) == sorted(expected)
+    from scipy.stats import multinomial
+    np.testing.assert_allclose(probabilities, multinomial.pmf(counts, 5, [0.5, 0.0, 0.3, 0.2]), atol=1e-12)
+
+
+def test_coverage_095_is_the_official_exp6_truncation():
+    """exp-6 keeps the most probable count vectors until their mass passes 0.95 and renormalises."""
+    rng = np.random.default_rng(24)
+    target = TargetDistribution.uniform([RACE4])
+    cost = assignment_cost(random_probs(rng, 10, (4,)), target)
+    counts, probabilities = count_vectors(10, target.flat())
+    order = np.flip(probabilities.argsort())  # the official loop, transcribed
+    accumulated = 0.0
+    for i, index in enumerate(order):
+        accumulated += probabilities[index]
+        if accumulated > 0.95:
+            break
+    official = np.zeros(cost.shape)
+    for b, p in zip(counts[order[: i + 1]], probabilities[order[: i + 1]]):
+        official[np.arange(10), assign_to_counts(cost, b)] += p
+    official /= official.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(enumerated_plan(cost, target.flat(), coverage=0.95), official, atol=1e-12)

@@ -18,6 +18,7 @@ from fair_core.losses import (
     preservation_factors,
     save_face_bank,
     scale_gradient_in_boxes,
+    square_boxes,
 )
 
 NAN = math.nan
@@ -116,6 +117,35 @@ def test_preservation_factors_follow_the_paper():
     weight, factor2 = preservation_factors(targets, original, torch.tensor([False] * 5), attributes)
     torch.testing.assert_close(weight, torch.full((5,), 0.2))
     torch.testing.assert_close(factor2, torch.full((5,), 0.2))
+
+    # one attribute (the official gender and race runs): an image without a face keeps weight 1
+    weight, _ = preservation_factors(torch.tensor([[1], [0]]), torch.tensor([[0], [0]]), torch.tensor([False, False]), ["gender"])
+    torch.testing.assert_close(weight, torch.ones(2))
+
+
+def test_faceless_original_differs_from_every_target():
+    """A frozen image without a face has original label -1: never "unchanged", whatever the target."""
+    weight, factor2 = preservation_factors(torch.tensor([[0], [0]]), torch.tensor([[-1], [0]]), torch.tensor([True, True]), ["gender"])
+    torch.testing.assert_close(weight, torch.tensor([0.2, 1.0]))
+    torch.testing.assert_close(factor2, torch.tensor([0.2, 1.0]))
+
+
+def test_square_boxes_are_the_official_expanded_crop_boxes():
+    """Worked by hand with the official expand_bbox(bbox, expand_coef, target_ratio=1)."""
+    boxes = torch.tensor([
+        [100.0, 120.0, 200.0, 260.0],  # taller: h = 140 -> side 294 (1.1); x margin (294 - 100) / 2 = 97, y 77
+        [10.0, 20.0, 50.0, 40.0],      # wider: w = 40 -> side 60 (0.5); x margin 10, y margin 20
+        [NAN, NAN, NAN, NAN],
+    ])
+    out = square_boxes(boxes[:1], 1.1)
+    assert out.tolist() == [[3.0, 43.0, 297.0, 337.0]]
+    assert square_boxes(boxes[1:2], 0.5).tolist() == [[0.0, 0.0, 60.0, 60.0]]
+    assert square_boxes(boxes, 1.1)[2].isnan().all()
+    assert square_boxes(torch.tensor([[0.0, 0.0, 3.0, 2.0]]), 0.0).tolist() == [[0.0, 0.0, 3.0, 2.0]]  # 2 -> 3: margins 0.5 round to even
+    # the region the gradient is scaled in: the overlap of the current and the original expanded boxes
+    current, original = torch.tensor([[100.0, 100.0, 200.0, 200.0]]), torch.tensor([[130.0, 90.0, 230.0, 190.0]])
+    region = intersect_boxes(square_boxes(current, 1.1), square_boxes(original, 1.1))
+    assert region.tolist() == [[75.0, 45.0, 255.0, 245.0]]  # squares [45, 45, 255, 255] and [75, 35, 285, 245]
 
 
 # ----------------------------------------------------------------------------- face realism

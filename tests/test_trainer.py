@@ -222,3 +222,41 @@ def test_config_errors_name_the_field(values, message):
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig.from_mapping({"learning_rat": 1e-4})
+
+
+class FacelessRows:
+    """A scorer whose images ``rows`` have no face: zero logits and ``has_face`` False, as the face scorer
+    reports them (argmax of zero logits would be class 0)."""
+
+    def __init__(self, scorer, rows):
+        self.scorer, self.rows, self.attributes = scorer, rows, scorer.attributes
+
+    def __call__(self, images):
+        from fair_core.scoring import AttributeScores
+
+        scores = self.scorer(images)
+        has_face = scores.has_face.clone()
+        has_face[self.rows] = False
+        return AttributeScores([torch.where(has_face[:, None], l, torch.zeros_like(l)) for l in scores.logits], has_face)
+
+
+def test_a_faceless_frozen_image_has_no_original_label(tmp_path):
+    from fair_core.sampling import latent_shape, seeded_noise
+
+    trainer = make_trainer(str(tmp_path), 1, preservation=["toy"])
+    trainer.preservation = ImagesAsEmbedding()
+    faceful = trainer.scorer
+    trainer.scorer = FacelessRows(faceful, [1, 3])
+    prompt, steps, seeds = trainer.iteration_plan(0)
+    noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
+    reference = trainer._reference(prompt, noise, steps)
+    predicted = faceful(trainer._sample_frozen(prompt, noise, steps)).logits[0].argmax(dim=-1)
+    assert reference.labels[:, 0].tolist() == [predicted[0].item(), -1, predicted[2].item(), -1]
+
+
+def test_assignment_defaults_are_the_papers_except_in_the_toy_world():
+    from fair_core.trainer import assignment_settings
+
+    assert assignment_settings(TrainConfig(model="sd15.safetensors")) == ("auto", 200)
+    assert assignment_settings(TrainConfig(model="toy")) == ("sampled", 100)
+    assert assignment_settings(TrainConfig(model="toy", assignment="exact", assignment_samples=7)) == ("exact", 7)
