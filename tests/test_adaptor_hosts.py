@@ -120,3 +120,16 @@ def test_host_view_imports_without_training_libraries():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"
+
+
+def test_toy_adaptors_claim_no_kohya_base_and_the_trained_resolution_is_recorded(tmp_path):
+    adaptor = _adaptor("sd15", {})
+    adaptor.metadata.resolution = 64
+    save_adaptor(adaptor, tmp_path / "small.safetensors")
+    read_back = read_adaptor(tmp_path / "small.safetensors")
+    assert read_back.header["modelspec.resolution"] == "64x64" and read_back.metadata.resolution == 64
+    toy = _adaptor("toy", {})
+    save_adaptor(toy, tmp_path / "toy.safetensors")
+    header = read_adaptor(tmp_path / "toy.safetensors").header
+    assert header["ss_base_model_version"] == "fair_toyworld" and header["modelspec.resolution"] == "32x32"
+    assert read_adaptor_header(tmp_path / "toy.safetensors").base_model == "toy"

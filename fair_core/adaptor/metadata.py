@@ -19,7 +19,8 @@ from fair_core.targets import Attribute, TargetDistribution, TargetError, schema
 from fair_core.terminal import escape
 
 FORMAT_VERSION = "1"
-KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "toy": "sd_v1"}
+# "toy" is no kohya base: the toy world is a model of its own, and saying "sd_v1" would offer its adaptors to SD1.
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "toy": "fair_toyworld"}
 MODELSPEC_ARCHITECTURE = {
     "sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora", "toy": "fair-toyworld/lora"
 }
@@ -61,6 +62,8 @@ class FairMetadata:
         training_args: JSON-ready training settings (``fair.training_args``).
         eval: JSON-ready evaluation results, e.g. bias before/after (``fair.eval``).
         date: ``modelspec.date``, ISO 8601; the time of writing when empty.
+        resolution: the side in pixels of the images trained on (``modelspec.resolution``); None: the base
+            model's native size.
         extra: other header keys, kept as they are (e.g. ``modelspec.author`` or a third party's ``ss_*``).
     """
 
@@ -73,6 +76,7 @@ class FairMetadata:
     training_args: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     date: str = ""
+    resolution: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,7 +112,7 @@ class FairMetadata:
             "modelspec.implementation": "diffusers",
             "modelspec.title": self.name,
             "modelspec.date": self.date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "modelspec.resolution": MODELSPEC_RESOLUTION[base],
+            "modelspec.resolution": f"{self.resolution}x{self.resolution}" if self.resolution else MODELSPEC_RESOLUTION[base],
             "fair.format_version": FORMAT_VERSION,
             "fair.base_model": base,
             "fair.attributes": json.dumps([a.to_json() for a in self.attributes]),
@@ -137,8 +141,9 @@ class FairMetadata:
             target = TargetDistribution.from_json(target_json) if target_json is not None else None
         except TargetError as error:
             raise AdaptorError(f"metadata fair.target_distribution: {escape(str(error))}") from None
+        base = base_from_header(header)
         return cls(
-            base_model=base_from_header(header),
+            base_model=base,
             name=header.get("ss_output_name", header.get("modelspec.title", "")),
             sd_model_name=header.get("ss_sd_model_name", ""),
             attributes=attributes,
@@ -147,8 +152,17 @@ class FairMetadata:
             training_args=values.get("fair.training_args", {}),
             eval=values.get("fair.eval", {}),
             date=header.get("modelspec.date", ""),
+            resolution=_resolution(header.get("modelspec.resolution", ""), base),
             extra={k: v for k, v in header.items() if k not in OWN_KEYS},
         )
+
+
+def _resolution(text: str, base: str | None) -> int | None:
+    """The side of ``modelspec.resolution`` (``"64x64"``) when it is square and not the base's native size."""
+    width, _, height = text.partition("x")
+    if base is not None and text == MODELSPEC_RESOLUTION.get(base):
+        return None
+    return int(width) if _WHOLE_NUMBER.fullmatch(width) and width == height else None
 
 
 def base_from_header(header: Mapping[str, str]) -> str | None:
@@ -157,7 +171,7 @@ def base_from_header(header: Mapping[str, str]) -> str | None:
     Raises :class:`AdaptorError` when they disagree or name a base other than SD1.x/SDXL.
     """
     if header.get("fair.base_model") == "toy":
-        return "toy"  # the toy world writes SD1's kohya layout (ss_base_model_version sd_v1) for a model of its own
+        return "toy"  # SD1's key layout for a model of its own (ss_base_model_version fair_toyworld)
     claims: dict[str, str] = {}
     if "fair.base_model" in header:
         claims["fair.base_model"] = _known_base("fair.base_model", header["fair.base_model"], {b: b for b in BASES})
