@@ -126,11 +126,17 @@ def blend(h_in: torch.Tensor, h_mid: torch.Tensor, weight: torch.Tensor | float,
     return torch.where(lam == 1.0, h_mid.float(), out).to(h_mid.dtype)
 
 
-def row_weights(schedule: BypassSchedule, timesteps: torch.Tensor, cond_or_uncond: Sequence[int],
-                apply_to: str = "both") -> torch.Tensor:
-    """λ per row of a UNet batch: the schedule at each row's progress (from its model timestep, ``(B,)``), and 1
-    on rows of the branch the bypass leaves alone (:func:`branch_mask`). Float32 ``(B,)`` on the timesteps' device."""
+def row_weights(schedule: BypassSchedule, timesteps: torch.Tensor, batch: int, cond_or_uncond: Sequence[int] = (),
+                apply_to: str = "both", num_timesteps: int = NUM_TIMESTEPS) -> torch.Tensor:
+    """λ per row of a UNet batch of ``batch`` rows: the schedule at each row's progress, and 1 on rows of the branch
+    the bypass leaves alone (:func:`branch_mask`). Float32 ``(batch,)`` on the timesteps' device.
+
+    ``timesteps`` are the model timesteps (of ``num_timesteps``) of the batch's rows, or of one CFG chunk: ComfyUI
+    passes the sigmas of one chunk (``(batch / chunks,)``) and stacks the chunks, so they are tiled to ``batch``.
+    """
     timesteps = torch.as_tensor(timesteps).reshape(-1)
-    weights = schedule.weights(progress_of_timestep(timesteps.float()))
-    mask = branch_mask(cond_or_uncond, timesteps.shape[0], apply_to).to(weights.device)
+    if timesteps.numel() == 0 or batch % timesteps.numel():
+        raise ValueError(f"{timesteps.numel()} timesteps do not tile a batch of {batch} rows")
+    weights = schedule.weights(progress_of_timestep(timesteps.float(), num_timesteps)).repeat(batch // timesteps.numel())
+    mask = branch_mask(cond_or_uncond, batch, apply_to).to(weights.device)
     return torch.where(mask, weights, torch.ones_like(weights))

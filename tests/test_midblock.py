@@ -76,8 +76,18 @@ def test_branch_mask_follows_comfyuis_cond_uncond_chunks():
 def test_row_weights_combine_schedule_and_branch():
     rule = BypassSchedule(0.5, 0.0, 0.3, "linear")
     timesteps = torch.tensor([999.0, 999.0, 999.0, 999.0])  # first step: λ = λ_min on the rows it acts on
-    assert row_weights(rule, timesteps, [0, 1], "uncond").tolist() == [1.0, 1.0, 0.5, 0.5]
-    assert row_weights(rule, torch.tensor([0.0, 999.0]), [], "both").tolist() == [1.0, 0.5]
+    assert row_weights(rule, timesteps, 4, [0, 1], "uncond").tolist() == [1.0, 1.0, 0.5, 0.5]
+    assert row_weights(rule, torch.tensor([0.0, 999.0]), 2).tolist() == [1.0, 0.5]
+
+
+def test_row_weights_tile_one_chunks_timesteps_over_the_cfg_batch():
+    # ComfyUI gives the sigmas of one chunk (2 images) for a [cond, cond, uncond, uncond] batch of 4 rows
+    rule = BypassSchedule(0.0, 0.0, 1.0, "linear")
+    weights = row_weights(rule, torch.tensor([999.0, 0.0]), 4, [0, 1], "both")
+    assert weights.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert row_weights(rule, torch.tensor([999.0, 0.0]), 4, [0, 1], "cond").tolist() == [0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="do not tile"):
+        row_weights(rule, torch.tensor([999.0, 0.0]), 3)
 
 
 def test_blend_interpolates_per_sample():
