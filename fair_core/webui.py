@@ -12,6 +12,8 @@ web UI:
   copy when Forge would drop the whole file for too many unknown keys.
 * :func:`audit_target`, :func:`audit_line`, :func:`audit_html`: a batch audit's target, its infotext line and
   the panel shown under the gallery.
+* The experimental mid-block bypass (maths in :mod:`fair_core.midblock`): :class:`MidBlockHooks` (torch hooks on
+  A1111's UNet) and :func:`forge_block_modifier` (Forge's UNet patcher).
 
 No host application (gradio, ``modules.*``) is imported here.
 """
@@ -24,7 +26,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from fair_core.adaptor.hosts import HOST_ENCODERS, AdaptorHeader, prompt_words
 from fair_core.adaptor.reader import read_adaptor
 from fair_core.adaptor.writer import save_adaptor
 from fair_core.audit import AuditResult
+from fair_core.midblock import BypassSchedule, blend, row_weights
 from fair_core.resolve import PRETRAINED, TOY, resolve_audit_scorer, resolve_target
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import Attribute, TargetDistribution
@@ -47,7 +50,13 @@ PASTE_ENABLED = "Fair enabled"
 """Derived on paste (:func:`complete_pasted_params`), never written: the accordion's toggle."""
 PASTE_AUDIT_ON = "Fair audit on"
 """Derived on paste, never written: the "audit this batch" checkbox."""
-PASTE_FIELDS = (PASTE_ENABLED, INFOTEXT_ADAPTOR, INFOTEXT_STRENGTH, PASTE_AUDIT_ON)
+INFOTEXT_BYPASS = "Fair mid-block bypass"
+"""λ_min of the experimental mid-block bypass."""
+INFOTEXT_BYPASS_END = "Fair mid-block bypass end"
+PASTE_BYPASS_ON = "Fair mid-block bypass on"
+"""Derived on paste, never written: the bypass checkbox."""
+PASTE_FIELDS = (PASTE_ENABLED, INFOTEXT_ADAPTOR, INFOTEXT_STRENGTH, PASTE_AUDIT_ON, PASTE_BYPASS_ON, INFOTEXT_BYPASS,
+                INFOTEXT_BYPASS_END)
 """Infotext key of each accordion input, in the order of :meth:`FairSettings.ui_values`."""
 
 ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280}
@@ -70,41 +79,64 @@ class FairSettings:
         adaptor: a dropdown choice (:func:`adaptor_choices`) or :data:`NO_ADAPTOR`.
         strength: the LoRA multiplier (text encoder and UNet alike).
         audit: audit each batch (face detection + classifier) against the target.
+        bypass: the experimental mid-block bypass (:mod:`fair_core.midblock`).
+        bypass_lambda: its strongest bypass λ_min (0 skips the mid-block, 1 changes nothing).
+        bypass_end: the sampling progress by which λ is back to 1 (it starts at λ_min).
     """
 
     enabled: bool
     adaptor: str
     strength: float
     audit: bool
+    bypass: bool = False
+    bypass_lambda: float = 0.5
+    bypass_end: float = 0.3
 
     @classmethod
     def from_args(cls, args: Sequence) -> "FairSettings":
         """From the values a processing hook receives (``*args``), as ``ui()`` ordered them."""
-        enabled, adaptor, strength, audit = args
-        return cls(bool(enabled), str(adaptor or NO_ADAPTOR), float(strength), bool(audit))
+        enabled, adaptor, strength, audit, bypass, bypass_lambda, bypass_end = args
+        return cls(bool(enabled), str(adaptor or NO_ADAPTOR), float(strength), bool(audit), bool(bypass),
+                   float(bypass_lambda), float(bypass_end))
 
-    def ui_values(self) -> tuple[bool, str, float, bool]:
-        return self.enabled, self.adaptor, self.strength, self.audit
+    def ui_values(self) -> tuple:
+        return (self.enabled, self.adaptor, self.strength, self.audit, self.bypass, self.bypass_lambda,
+                self.bypass_end)
+
+    @property
+    def applies_bypass(self) -> bool:
+        return self.enabled and self.bypass
+
+    def bypass_schedule(self) -> BypassSchedule:
+        """λ from ``bypass_lambda`` at the first step back to 1 at ``bypass_end`` (linear); ``ValueError`` names a
+        value out of range."""
+        return BypassSchedule(lambda_min=self.bypass_lambda, start=0.0, end=self.bypass_end, schedule="linear")
 
     @property
     def applies_adaptor(self) -> bool:
         return self.enabled and self.adaptor != NO_ADAPTOR
 
 
-def infotext_params(settings: FairSettings) -> dict[str, str]:
-    """What goes into ``p.extra_generation_params`` (the audit adds :data:`INFOTEXT_AUDIT` per batch itself)."""
-    if not settings.applies_adaptor:
-        return {}
-    return {INFOTEXT_ADAPTOR: settings.adaptor, INFOTEXT_STRENGTH: format_number(settings.strength)}
+def infotext_params(settings: FairSettings, adaptor_applied: bool, bypass_applied: bool) -> dict[str, str]:
+    """What goes into ``p.extra_generation_params`` for what was applied (the audit adds :data:`INFOTEXT_AUDIT` per
+    batch itself)."""
+    params = {}
+    if settings.applies_adaptor and adaptor_applied:
+        params |= {INFOTEXT_ADAPTOR: settings.adaptor, INFOTEXT_STRENGTH: format_number(settings.strength)}
+    if settings.applies_bypass and bypass_applied:
+        params |= {INFOTEXT_BYPASS: format_number(settings.bypass_lambda),
+                   INFOTEXT_BYPASS_END: format_number(settings.bypass_end)}
+    return params
 
 
 def complete_pasted_params(params: dict[str, str]) -> None:
-    """For ``on_infotext_pasted``: add the keys of the toggle and the audit checkbox, which are never written but
-    follow from the others, so that pasting an infotext without our keys switches the accordion off."""
-    audited = INFOTEXT_AUDIT in params
-    params[PASTE_ENABLED] = str(INFOTEXT_ADAPTOR in params or audited)
+    """For ``on_infotext_pasted``: add the keys of the checkboxes (toggle, audit, bypass), which are never written
+    but follow from the others, so that pasting an infotext without our keys switches the accordion off."""
+    audited, bypassed = INFOTEXT_AUDIT in params, INFOTEXT_BYPASS in params
+    params[PASTE_ENABLED] = str(INFOTEXT_ADAPTOR in params or audited or bypassed)
     params[PASTE_AUDIT_ON] = str(audited)
-    if audited:
+    params[PASTE_BYPASS_ON] = str(bypassed)
+    if audited or bypassed:
         params.setdefault(INFOTEXT_ADAPTOR, NO_ADAPTOR)
 
 
@@ -340,3 +372,55 @@ def _bar_html(label: str, share: float, low: float, high: float, target: float) 
            f"height:1.3em;background:#d9534f'></div></div>")
     return (f"<tr><td>{html.escape(label)}</td><td>{bar}</td><td>{share:.0%} [{low:.0%}, {high:.0%}]</td>"
             f"<td>target {target:.0%}</td></tr>")
+
+
+# ----------------------------------------------------------------------------- mid-block bypass (experimental)
+def bypassed(schedule: BypassSchedule, h_in: torch.Tensor, h_mid: torch.Tensor, timesteps: torch.Tensor,
+             cond_or_uncond: Sequence[int] = ()) -> torch.Tensor:
+    """The mid-block's output ``h_mid`` blended with its input ``h_in`` at λ of each row's model timestep."""
+    weights = row_weights(schedule, timesteps, h_mid.shape[0], cond_or_uncond)
+    return blend(h_in, h_mid, weights.to(h_mid.device))
+
+
+class MidBlockHooks:
+    """The bypass on A1111's UNet (``sd_model.model.diffusion_model``, whose ``forward(x, timesteps, ...)`` gets the
+    timesteps by position for SD1.x and by keyword for SDXL) as two torch hooks: one keeps each call's timesteps,
+    one blends ``middle_block``'s output with its input. :meth:`remove` takes both off."""
+
+    def __init__(self, unet: torch.nn.Module, schedule: BypassSchedule) -> None:
+        if not isinstance(getattr(unet, "middle_block", None), torch.nn.Module):
+            raise ValueError(f"the mid-block bypass needs a UNet with a middle_block; this model has "
+                             f"{type(unet).__name__}")
+        self.schedule = schedule
+        self.timesteps: torch.Tensor | None = None
+        self.handles = [unet.register_forward_pre_hook(self._keep_timesteps, with_kwargs=True),
+                        unet.middle_block.register_forward_hook(self._blend)]
+
+    def _keep_timesteps(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.timesteps = kwargs["timesteps"] if "timesteps" in kwargs else args[1]
+
+    def _blend(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return bypassed(self.schedule, inputs[0], output, self.timesteps)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def forge_block_modifier(schedule: BypassSchedule, timestep_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """The bypass for Forge's ``UnetPatcher.add_block_modifier``: Forge calls ``modifier(h, "before"|"after",
+    transformer_options)`` around every block, with ``block == ("middle", 0)`` around the mid-block, the rows'
+    ``sigmas`` and ``cond_or_uncond``; ``timestep_of`` turns sigmas into model timesteps (the predictor's
+    ``timestep``)."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def modifier(h: torch.Tensor, when: str, options: dict) -> torch.Tensor:
+        if options.get("block") != ("middle", 0):
+            return h
+        if when == "before":
+            kept["h"] = h
+            return h
+        return bypassed(schedule, kept.pop("h"), h, timestep_of(options["sigmas"]), options.get("cond_or_uncond", ()))
+
+    return modifier

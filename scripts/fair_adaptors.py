@@ -3,7 +3,9 @@
 It applies a fair adaptor through the built-in Lora (``<lora:name:w>``, so "Lora hashes" and the infotext work as
 for any LoRA), makes its soft tokens take effect as trained (their words at the start of the positive prompt; on
 Forge, which never reads a LoRA file's ``bundle_emb`` tokens, it registers them as embeddings itself) and audits each
-batch against the target. Thin: every rule is in :mod:`fair_core.webui` and :mod:`fair_core.adaptor.hosts`.
+batch against the target. Optionally (experimental) it bypasses the UNet mid-block early in sampling
+(:mod:`fair_core.midblock`): torch hooks on A1111, Forge's UNet patcher on Forge. Thin: every rule is in
+:mod:`fair_core.webui` and :mod:`fair_core.adaptor.hosts`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ OPTION_TARGET = "fair_adaptors_target"
 OPTION_AUDIT = "fair_adaptors_audit"
 OPTION_STRENGTH = "fair_adaptors_strength"
 DEFAULT_CLASSIFIER = "pretrained:gender,age"
+LIVE_BYPASS_HOOKS: list[webui.MidBlockHooks] = []
+"""Mid-block hooks on the loaded UNet, shared by both tabs' scripts: removed after each generation and, in case a
+generation failed before ``postprocess``, before the next one of either tab."""
 
 
 def adaptor_folders() -> list[Path]:
@@ -56,6 +61,11 @@ def model_base(sd_model) -> str | None:
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
     return "sd15" if getattr(sd_model, "is_sd1", False) else None
+
+
+def remove_bypass_hooks() -> None:
+    while LIVE_BYPASS_HOOKS:
+        LIVE_BYPASS_HOOKS.pop().remove()
 
 
 def is_forge(sd_model) -> bool:
@@ -97,13 +107,26 @@ class FairAdaptorScript(scripts.Script):
                                  label="Strength", elem_id=self.elem_id("strength"))
             audit = gr.Checkbox(value=option(OPTION_AUDIT, False), label="Audit this batch (Settings > Fair Adaptors)",
                                 elem_id=self.elem_id("audit"))
+            bypass, bypass_lambda, bypass_end = self.bypass_ui()
         refresh.click(fn=self.refreshed_dropdown, inputs=[adaptor], outputs=[adaptor, about])
         adaptor.change(fn=self.describe, inputs=[adaptor], outputs=[about])
-        controls = [enabled, adaptor, strength, audit]
+        controls = [enabled, adaptor, strength, audit, bypass, bypass_lambda, bypass_end]
         self.infotext_fields = list(zip(controls, webui.PASTE_FIELDS))
         self.paste_field_names = list(webui.PASTE_FIELDS)
         self.on_after_component(self.add_audit_panel, elem_id=f"html_log_{'img2img' if is_img2img else 'txt2img'}")
         return controls
+
+    def bypass_ui(self) -> tuple:
+        with gr.Accordion(label="Mid-block bypass (experimental)", open=False, elem_id=self.elem_id("bypass_group")):
+            bypass = gr.Checkbox(value=False, elem_id=self.elem_id("bypass"),
+                                 label="Bypass the UNet mid-block early in sampling (experimental, untuned: Hakemi "
+                                       "et al. 2025 v1, reconstructed)")
+            bypass_lambda = gr.Slider(minimum=0.0, maximum=1.0, step=0.05, value=0.5,
+                                      elem_id=self.elem_id("bypass_lambda"),
+                                      label="Strongest bypass (0 skips the mid-block, 1 changes nothing)")
+            bypass_end = gr.Slider(minimum=0.05, maximum=1.0, step=0.05, value=0.3, elem_id=self.elem_id("bypass_end"),
+                                   label="Back to normal at (fraction of sampling)")
+        return bypass, bypass_lambda, bypass_end
 
     def refresh_choices(self) -> None:
         headers, problems = list_adaptors(adaptor_folders())
@@ -131,14 +154,17 @@ class FairAdaptorScript(scripts.Script):
 
     # ------------------------------------------------------------------------- processing hooks
     def process(self, p, *args) -> None:
+        remove_bypass_hooks()
         settings = webui.FairSettings.from_args(args)
         self.run = GenerationState()
         if not settings.enabled:
             return
         if settings.applies_adaptor:
             self.run.adaptor = self.prepare_adaptor(p, settings)
-        if self.run.adaptor is not None:
-            p.extra_generation_params.update(webui.infotext_params(settings))
+        if settings.applies_bypass:
+            self.run.bypass = self.prepare_bypass(p, settings)
+        p.extra_generation_params.update(
+            webui.infotext_params(settings, self.run.adaptor is not None, self.run.bypass is not None))
         if settings.audit:
             self.run.audit = self.prepare_audit(p)
 
@@ -159,6 +185,30 @@ class FairAdaptorScript(scripts.Script):
         for note in prepared.notes:
             print(f"{LOG_PREFIX} {note}")
         return AppliedAdaptor(settings.adaptor, header, prepared, settings.strength, forge)
+
+    def prepare_bypass(self, p, settings: webui.FairSettings):
+        """The bypass schedule, hooked into A1111's UNet now (Forge: per sampling pass), or None and one line."""
+        try:
+            schedule = settings.bypass_schedule()
+            if is_forge(p.sd_model):
+                unet = p.sd_model.forge_objects.unet.model.diffusion_model
+                if not hasattr(unet, "middle_block"):
+                    raise ValueError(f"this model ({type(unet).__name__}) has no UNet mid-block")
+            else:
+                LIVE_BYPASS_HOOKS.append(webui.MidBlockHooks(p.sd_model.model.diffusion_model, schedule))
+        except (ValueError, AttributeError) as error:
+            report(p, f"Fair mid-block bypass not applied: {error}")
+            return None
+        return schedule
+
+    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+        """Forge, before each sampling pass (hires included): the bypass on a clone of the UNet patcher, the way
+        Forge's own FreeU patches it."""
+        if self.run.bypass is None or not is_forge(p.sd_model):
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.add_block_modifier(webui.forge_block_modifier(self.run.bypass, unet.model.predictor.timestep))
+        p.sd_model.forge_objects.unet = unet
 
     def prepare_audit(self, p) -> AuditSetup | None:
         choice = option(OPTION_CLASSIFIER, DEFAULT_CLASSIFIER)
@@ -240,6 +290,7 @@ class FairAdaptorScript(scripts.Script):
         print(f"{LOG_PREFIX} batch {batch_number + 1}: {line}")
 
     def postprocess(self, p, processed, *args) -> None:
+        remove_bypass_hooks()
         for database, name in self.run.forge_embeddings:
             database.register_embedding_by_name(None, name)
         self.run.forge_embeddings.clear()
@@ -269,6 +320,8 @@ class GenerationState:
     def __init__(self) -> None:
         self.adaptor: AppliedAdaptor | None = None
         self.audit: AuditSetup | None = None
+        self.bypass = None
+        """The mid-block bypass schedule when it applies."""
         self.forge_embeddings: list[tuple[object, str]] = []
         self.hires_originals: tuple[slice, list[str]] | None = None
         self.panels: list[str] = []

@@ -31,29 +31,36 @@ def write(path: Path, base: str = "sd15", tokens: int = 1, vectors: int = 2, nam
 
 
 # ----------------------------------------------------------------------------- settings and infotext
-def test_settings_write_the_adaptor_and_strength_and_paste_back_to_the_same_values():
-    settings = webui.FairSettings.from_args([True, "nurse_fair", 0.8, True])
-    params = webui.infotext_params(settings)
-    assert params == {"Fair adaptor": "nurse_fair", "Fair strength": "0.8"}
+def test_settings_write_what_was_applied_and_paste_back_to_the_same_values():
+    settings = webui.FairSettings.from_args([True, "nurse_fair", 0.8, True, True, 0.25, 0.4])
+    params = webui.infotext_params(settings, adaptor_applied=True, bypass_applied=True)
+    assert params == {"Fair adaptor": "nurse_fair", "Fair strength": "0.8", "Fair mid-block bypass": "0.25",
+                      "Fair mid-block bypass end": "0.4"}
     params["Fair audit"] = "4/4 faces"
     webui.complete_pasted_params(params)
     pasted = [params[key] for key in webui.PASTE_FIELDS]
-    assert pasted == ["True", "nurse_fair", "0.8", "True"]
+    assert pasted == ["True", "nurse_fair", "0.8", "True", "True", "0.25", "0.4"]
+    assert webui.FairSettings.from_args(settings.ui_values()) == settings
 
 
-@pytest.mark.parametrize("args", [[False, "nurse_fair", 0.8, True], [True, "None", 1.0, False]])
-def test_nothing_is_written_when_no_adaptor_is_applied(args):
-    assert webui.infotext_params(webui.FairSettings.from_args(args)) == {}
+@pytest.mark.parametrize("args, adaptor_applied, bypass_applied", [
+    ([False, "nurse_fair", 0.8, True, True, 0.5, 0.3], True, True),
+    ([True, "None", 1.0, False, False, 0.5, 0.3], True, True),
+    ([True, "nurse_fair", 1.0, False, True, 0.5, 0.3], False, False),
+])
+def test_nothing_is_written_for_what_was_not_applied(args, adaptor_applied, bypass_applied):
+    assert webui.infotext_params(webui.FairSettings.from_args(args), adaptor_applied, bypass_applied) == {}
 
 
 def test_an_audit_only_infotext_pastes_the_none_adaptor_and_a_foreign_one_switches_off():
     audit_only = {"Fair audit": "2/2 faces"}
     webui.complete_pasted_params(audit_only)
     assert audit_only == {"Fair audit": "2/2 faces", "Fair enabled": "True", "Fair audit on": "True",
-                          "Fair adaptor": "None"}
+                          "Fair mid-block bypass on": "False", "Fair adaptor": "None"}
     foreign = {"Steps": "20"}
     webui.complete_pasted_params(foreign)
-    assert foreign == {"Steps": "20", "Fair enabled": "False", "Fair audit on": "False"}
+    assert foreign == {"Steps": "20", "Fair enabled": "False", "Fair audit on": "False",
+                       "Fair mid-block bypass on": "False"}
 
 
 def test_numbers_are_written_short():
@@ -215,3 +222,57 @@ def test_classifier_choices_and_specs(tmp_path):
     assert webui.classifier_spec("pretrained:gender", tmp_path) == "pretrained:gender"
     assert webui.classifier_spec("toy", tmp_path) == "toy"
     assert webui.classifier_spec("sub/age.safetensors", tmp_path) == str(tmp_path / "sub" / "age.safetensors")
+
+
+# ----------------------------------------------------------------------------- mid-block bypass
+class TwoBlockUNet(torch.nn.Module):
+    """The call structure of ldm's UNetModel around its middle block: ``forward(x, timesteps, context=None)``,
+    ``middle_block(h, emb, context)``; the middle block doubles, the rest is identity."""
+
+    class Middle(torch.nn.Module):
+        def forward(self, h, emb=None, context=None):
+            return 2 * h
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.middle_block = self.Middle()
+
+    def forward(self, x, timesteps=None, context=None):
+        return self.middle_block(x, None, context)
+
+
+def test_the_schedule_of_the_settings_is_linear_from_lambda_min_at_the_start():
+    schedule = webui.FairSettings(True, "None", 1.0, False, True, 0.2, 0.5).bypass_schedule()
+    assert [schedule.weight(s) for s in (0.0, 0.25, 0.5, 0.9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    with pytest.raises(ValueError, match="start < end"):
+        webui.FairSettings(True, "None", 1.0, False, True, 0.2, 0.0).bypass_schedule()
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_mid_block_hooks_blend_each_row_by_its_timestep_until_removed(by_keyword):
+    unet = TwoBlockUNet()
+    hooks = webui.MidBlockHooks(unet, webui.FairSettings(True, "None", 1, False, True, 0.0, 0.5).bypass_schedule())
+    x = torch.ones(3, 1, 2, 2)
+    t = torch.tensor([999.0, 999.0 * 0.75, 0.0])  # progress 0, 0.25, 1: lambda 0, 0.5, 1
+    out = unet(x, timesteps=t) if by_keyword else unet(x, t)
+    assert [float(row.mean()) for row in out] == pytest.approx([1.0, 1.5, 2.0], abs=1e-3)
+    hooks.remove()
+    assert float(unet(x, t).mean()) == 2.0 and not unet._forward_pre_hooks and not unet.middle_block._forward_hooks
+
+
+def test_mid_block_hooks_need_a_middle_block():
+    with pytest.raises(ValueError, match="needs a UNet with a middle_block"):
+        webui.MidBlockHooks(torch.nn.Linear(2, 2), webui.FairSettings(True, "None", 1, False).bypass_schedule())
+
+
+def test_the_forge_modifier_blends_around_the_middle_block_only():
+    schedule = webui.FairSettings(True, "None", 1, False, True, 0.0, 0.5).bypass_schedule()
+    modifier = webui.forge_block_modifier(schedule, timestep_of=lambda sigmas: sigmas * 999.0)
+    h_in, h_out = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    other = {"block": ("input", 3), "sigmas": torch.tensor([1.0])}
+    assert modifier(h_out, "after", other) is h_out
+    middle = {"block": ("middle", 0), "sigmas": torch.tensor([1.0]), "cond_or_uncond": [0, 1]}
+    assert modifier(h_in, "before", middle) is h_in
+    assert torch.equal(modifier(h_out, "after", middle), h_in)  # progress 0: lambda 0, the block's input
+    modifier(h_in, "before", {**middle, "sigmas": torch.tensor([0.0])})
+    assert torch.equal(modifier(h_out, "after", {**middle, "sigmas": torch.tensor([0.0])}), h_out)

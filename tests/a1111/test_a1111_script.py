@@ -46,13 +46,13 @@ def lora_calls() -> list:
 def test_ui_returns_the_components_in_the_order_process_receives_them(models, monkeypatch):
     tab = make_tab(models)
     kinds = [type(c).__name__ for c in tab.controls]
-    assert kinds == ["InputAccordionImpl", "Dropdown", "Slider", "Checkbox"]
+    assert kinds == ["InputAccordionImpl", "Dropdown", "Slider", "Checkbox", "Checkbox", "Slider", "Slider"]
     assert tab.controls[0].accordion.label == "Fair Adaptor"
     received = []
     monkeypatch.setattr(tab.script, "process", lambda p, *args: received.append(args))
-    tab.set(enabled=True, adaptor="None", strength=0.7, audit=False)
+    tab.set(enabled=True, adaptor="None", strength=0.7, audit=False, bypass=True, bypass_lambda=0.2, bypass_end=0.6)
     tab.generate(A1111Model("sd15"), prompt=PROMPT)
-    assert received == [(True, "None", 0.7, False)]
+    assert received == [(True, "None", 0.7, False, True, 0.2, 0.6)]
 
 
 def test_the_dropdown_lists_fair_adaptors_from_both_folders_and_describes_them(models):
@@ -143,24 +143,25 @@ def test_infotext_written_then_pasted_gives_back_the_same_ui_values(models):
     write_test_adaptor(models / "Lora" / "a.safetensors", name="nurse_fair")
     tab = make_tab(models)
     shared.opts.fair_adaptors_classifier = "toy"
-    tab.set(enabled=True, adaptor="nurse_fair", strength=0.65, audit=True)
+    tab.set(enabled=True, adaptor="nurse_fair", strength=0.65, audit=True, bypass=True, bypass_lambda=0.25,
+            bypass_end=0.45)
     _, processed = tab.generate(A1111Model("sd15"), prompt=PROMPT)
     tab.set(enabled=False, adaptor="None", strength=1.0, audit=False)
     pasted = tab.paste(processed.infotexts[0])
-    assert [update.get("value") for update in pasted] == [True, "nurse_fair", 0.65, True]
+    assert [update.get("value") for update in pasted] == [True, "nurse_fair", 0.65, True, True, 0.25, 0.45]
 
 
 def test_pasting_an_infotext_without_our_keys_switches_the_accordion_off(models):
     tab = make_tab(models)
     tab.set(enabled=True, adaptor="None", strength=0.5, audit=True)
     pasted = tab.paste(f"{PROMPT}\nSteps: 20, Seed: 1, Size: 16x16")
-    assert [update.get("value") for update in pasted] == [False, None, None, False]
+    assert [update.get("value") for update in pasted] == [False, None, None, False, False, None, None]
 
 
 def test_send_to_carries_every_accordion_input(models):
     tab = make_tab(models)
     keys = [key for _, key in tab.runner.infotext_fields]
-    assert keys == tab.runner.paste_field_names and len(set(keys)) == 4
+    assert keys == tab.runner.paste_field_names and len(set(keys)) == 7
 
 
 def embeddings_at_conditioning(model: ForgeModel) -> list[dict]:
@@ -318,3 +319,65 @@ def test_install_adds_only_what_is_missing_and_never_torch(standins, monkeypatch
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     assert launch.pip_commands == []
     assert "fair_adaptors_install" not in sys.modules
+
+
+def unet_without_bypass(model, x: torch.Tensor) -> torch.Tensor:
+    unet = model.model.diffusion_model
+    return unet.out(unet.middle_block(unet.input_blocks(x)))
+
+
+def unet_skipping_the_mid_block(model, x: torch.Tensor) -> torch.Tensor:
+    unet = model.model.diffusion_model
+    return unet.out(unet.input_blocks(x))
+
+
+@pytest.mark.parametrize("model_class, base", [(A1111Model, "sd15"), (A1111Model, "sdxl"), (ForgeModel, "sd15")])
+def test_the_mid_block_bypass_acts_early_in_sampling_and_is_gone_afterwards(models, model_class, base):
+    tab = make_tab(models, forge=model_class is ForgeModel)
+    tab.set(enabled=True, bypass=True, bypass_lambda=0.0, bypass_end=0.3)
+    model = model_class(base)
+    p, processed = tab.generate(model, prompt=PROMPT)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    first_step, last_step = p.unet_outputs  # model timesteps 999 (progress 0: lambda 0) and 0 (progress 1: lambda 1)
+    with torch.no_grad():
+        assert torch.allclose(first_step, unet_skipping_the_mid_block(model, x), atol=1e-6)
+        assert torch.allclose(last_step, unet_without_bypass(model, x), atol=1e-6)
+    unet = model.model.diffusion_model
+    assert not unet._forward_pre_hooks and not unet.middle_block._forward_hooks
+    assert "Fair mid-block bypass: 0, Fair mid-block bypass end: 0.3" in processed.infotexts[0]
+
+
+def test_mid_block_hooks_left_by_a_failed_generation_are_removed_by_the_next_one_of_either_tab(models):
+    txt2img = make_tab(models)
+    model = A1111Model("sd15")
+    txt2img.set(enabled=True, bypass=True, bypass_lambda=0.0)
+    txt2img.start(model, prompt=PROMPT)  # ... and the generation fails before postprocess
+    unet = model.model.diffusion_model
+    assert unet.middle_block._forward_hooks
+    img2img = Tab.build(txt2img.module, is_img2img=True)
+    img2img.set(enabled=False)
+    p, _ = img2img.generate(model, prompt=PROMPT)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(p.unet_outputs[0], unet_without_bypass(model, x), atol=1e-6)  # not bypassed
+    assert not unet._forward_pre_hooks and not unet.middle_block._forward_hooks
+
+
+@pytest.mark.parametrize("model_class", [A1111Model, ForgeModel])
+def test_a_model_without_a_mid_block_gets_one_line_and_no_bypass(models, model_class, capsys):
+    tab = make_tab(models, forge=model_class is ForgeModel)
+    tab.set(enabled=True, bypass=True)
+    model = model_class("sd15")
+    del model.model.diffusion_model.middle_block  # e.g. Flux on Forge
+    p = tab.start(model, prompt=PROMPT)
+    [line] = p.comments
+    assert line.startswith("Fair mid-block bypass not applied:") and "middle" in line.replace("mid-block", "middle")
+    assert line in capsys.readouterr().out and not p.extra_generation_params
+
+
+def test_a_bypass_window_out_of_range_is_one_line(models):
+    tab = make_tab(models)
+    tab.set(enabled=True, bypass=True, bypass_end=0.0)
+    p = tab.start(A1111Model("sd15"), prompt=PROMPT)
+    [line] = p.comments
+    assert line.startswith("Fair mid-block bypass not applied:") and "start < end" in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,13 +38,44 @@ def write_test_adaptor(path: Path, base: str = "sd15", name: str = "nurse_fair",
     return save_adaptor(FairAdaptor(metadata=metadata, lora=lora, tokens=soft), path)
 
 
+class MiddleBlock(torch.nn.Module):
+    """ldm's ``TimestepEmbedSequential`` middle block, called ``(h, emb, context)``; here ``2 h + 1``."""
+
+    def forward(self, h, emb=None, context=None):
+        return 2 * h + 1
+
+
+class TinyUNet(torch.nn.Module):
+    """The call structure of ldm's ``openaimodel.UNetModel.forward(x, timesteps=None, context=None, ...)`` around its
+    ``middle_block``, with Forge's ``backend/nn/unet.py`` block-modifier calls (``"before"``/``"after"`` with
+    ``transformer_options["block"] == ("middle", 0)``); one 1x1 convolution stands for the input and output blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_blocks = torch.nn.Conv2d(3, 4, 1)
+        self.middle_block = MiddleBlock()
+        self.out = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x, timesteps=None, context=None, transformer_options=None):
+        options = transformer_options if transformer_options is not None else {}
+        h = self.input_blocks(x)
+        options["block"] = ("middle", 0)
+        for modifier in options.get("block_modifiers", []):
+            h = modifier(h, "before", options)
+        h = self.middle_block(h, None, context)
+        for modifier in options.get("block_modifiers", []):
+            h = modifier(h, "after", options)
+        return self.out(h)
+
+
 class A1111Model:
     """A loaded checkpoint as the script sees it on A1111 1.10 (``modules/sd_models.py`` sets ``is_sdxl`` and
-    ``is_sd1``)."""
+    ``is_sd1``; ``model.diffusion_model`` is the UNet)."""
 
     def __init__(self, base: str) -> None:
         self.is_sdxl = base == "sdxl"
         self.is_sd1 = base == "sd15"
+        self.model = SimpleNamespace(diffusion_model=TinyUNet())
 
 
 class ForgeEngine:
@@ -55,13 +87,56 @@ class ForgeEngine:
         self.embeddings = EmbeddingDatabase(None, expected_shape)
 
 
+class Prediction:
+    """Forge's ``backend/modules/k_prediction.py`` predictor: ``sigma(timestep)`` and ``timestep(sigma)`` (nearest
+    entry of a table of 1000 sigmas)."""
+
+    sigmas = torch.linspace(0.03, 14.6, 1000)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[timestep.long()]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma.reshape(-1, 1) - self.sigmas.reshape(1, -1)).abs().argmin(dim=1).float()
+
+
+class UnetPatcher:
+    """Forge's ``backend/patcher/unet.py`` ``UnetPatcher``: ``model`` (``diffusion_model``, ``predictor``),
+    ``clone()`` and ``add_block_modifier(modifier, ensure_uniqueness=False)``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.block_modifiers: list = []
+
+    def clone(self) -> "UnetPatcher":
+        clone = UnetPatcher(self.model)
+        clone.block_modifiers = list(self.block_modifiers)
+        return clone
+
+    def add_block_modifier(self, modifier, ensure_uniqueness=False) -> None:
+        self.block_modifiers.append(modifier)
+
+
+class ForgeObjects:
+    """Forge's ``ForgeObjects`` (the UNet patcher here) and its ``shallow_copy()``."""
+
+    def __init__(self, unet: UnetPatcher) -> None:
+        self.unet = unet
+
+    def shallow_copy(self) -> "ForgeObjects":
+        return ForgeObjects(self.unet)
+
+
 class ForgeModel(A1111Model):
-    """Forge's ``backend/diffusion_engine/sd15.py`` / ``sdxl.py``: ``forge_objects`` and one text-processing engine
-    per text encoder (``text_processing_engine`` SD1.x with width 768; ``_l`` and ``_g`` SDXL, both 2048)."""
+    """Forge's ``backend/diffusion_engine/sd15.py`` / ``sdxl.py``: ``forge_objects`` (and the copy kept after the
+    LoRAs are applied) and one text-processing engine per text encoder (``text_processing_engine`` SD1.x with width
+    768; ``_l`` and ``_g`` SDXL, both 2048)."""
 
     def __init__(self, base: str) -> None:
         super().__init__(base)
-        self.forge_objects = object()
+        patcher = UnetPatcher(SimpleNamespace(diffusion_model=self.model.diffusion_model, predictor=Prediction()))
+        self.forge_objects = ForgeObjects(patcher)
+        self.forge_objects_after_applying_lora = ForgeObjects(patcher)
         if base == "sdxl":
             self.text_processing_engine_l = ForgeEngine(2048)
             self.text_processing_engine_g = ForgeEngine(2048)
@@ -104,16 +179,30 @@ class Tab:
     def controls(self) -> list:
         return self.runner.inputs[self.script.args_from:self.script.args_to]
 
-    def set(self, enabled: bool = True, adaptor: str = "None", strength: float = 1.0, audit: bool = False) -> None:
-        for control, value in zip(self.controls, (enabled, adaptor, strength, audit)):
+    def set(self, enabled: bool = True, adaptor: str = "None", strength: float = 1.0, audit: bool = False,
+            bypass: bool = False, bypass_lambda: float = 0.5, bypass_end: float = 0.3) -> None:
+        values = (enabled, adaptor, strength, audit, bypass, bypass_lambda, bypass_end)
+        for control, value in zip(self.controls, values, strict=True):
             control.value = value
+
+    def processing(self, model, **fields):
+        from modules import processing
+
+        values = [c.value if c is not None else None for c in self.runner.inputs]
+        return processing.StableDiffusionProcessing(sd_model=model, scripts=self.runner, script_args=values, **fields)
 
     def generate(self, model, **fields):
         from modules import processing
 
-        values = [c.value if c is not None else None for c in self.runner.inputs]
-        p = processing.StableDiffusionProcessing(sd_model=model, scripts=self.runner, script_args=values, **fields)
+        p = self.processing(model, **fields)
         return p, processing.process_images(p)
+
+    def start(self, model, **fields):
+        """Only the start of a generation, up to the scripts' ``process`` (as when it fails right after)."""
+        p = self.processing(model, **fields)
+        p.setup_prompts()
+        self.runner.process(p)
+        return p
 
     def paste(self, infotext: str) -> list:
         """What pasting ``infotext`` (PNG info / the paste button) sets each accordion input to."""

@@ -5,9 +5,9 @@
 txt2img hires fields ``enable_hr``/``all_hr_prompts``). ``process_images(p)`` runs the hooks in the order of
 ``process_images_inner``: ``setup_prompts``, ``scripts.process``, then per batch ``before_process_batch`` ->
 ``parse_extra_network_prompts`` -> ``extra_networks.activate`` -> conditioning (recorded in ``p.conds``) -> sampling
-(random pixels) -> prompts reset from ``all_prompts`` -> ``postprocess_batch_list`` -> one ``create_infotext`` per
-image; then ``scripts.postprocess``. With ``enable_hr`` the hires pass parses ``all_hr_prompts`` and activates its
-own networks, as ``StableDiffusionProcessingTxt2Img`` does.
+(random pixels; the UNet is called as :func:`run_unet` says) -> prompts reset from ``all_prompts`` ->
+``postprocess_batch_list`` -> one ``create_infotext`` per image; then ``scripts.postprocess``. With ``enable_hr`` the
+hires pass parses ``all_hr_prompts`` and activates its own networks, as ``StableDiffusionProcessingTxt2Img`` does.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class StableDiffusionProcessing:
     conds: list = field(default_factory=list)
     """What the text encoders saw per batch (stand-in only): ``(positive prompts, negative prompts)``; with hires also
     ``("hires", hires prompts)``."""
+    unet_outputs: list = field(default_factory=list)
+    """The UNet's outputs, per batch and step (stand-in only)."""
 
     def comment(self, text):
         self.comments[text] = 1
@@ -89,6 +91,7 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
             p.conds.append(("hires", list(p.hr_prompts)))
         generator = torch.Generator().manual_seed(p.seeds[0])
         x_samples = torch.rand(len(p.prompts), 3, p.height, p.width, generator=generator)
+        run_unet(p, x_samples)
         p.prompts, p.negative_prompts = p.all_prompts[batch], p.all_negative_prompts[batch]
         batch_params = scripts.PostprocessBatchListArgs(list(x_samples))
         p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
@@ -98,3 +101,31 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
     res = Processed(p, output_images, infotexts)
     p.scripts.postprocess(p, res)
     return res
+
+
+def run_unet(p, x):
+    """Two sampling steps' UNet calls (model timesteps 999, then 0), outputs appended to ``p.unet_outputs``.
+
+    A1111 calls ``sd_model.model.diffusion_model`` as ldm's ``DiffusionWrapper`` does for SD1.x (``(x, t,
+    context=...)``) and sgm's ``OpenAIWrapper`` for SDXL (``(x, timesteps=t, ...)``). Forge resets ``forge_objects``
+    from ``forge_objects_after_applying_lora``, calls the scripts' ``process_before_every_sampling``, then runs its
+    UNet patcher's model as ``backend/sampling/sampling_function.py`` does: the patcher's block modifiers, the rows'
+    ``sigmas`` and ``cond_or_uncond`` in ``transformer_options``, the timesteps from the predictor.
+    """
+    forge = hasattr(p.sd_model, "forge_objects")
+    if forge:
+        p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        p.scripts.process_before_every_sampling(p, x=x, noise=x, c=None, uc=None)
+    for step in (999, 0):
+        t = torch.full((x.shape[0],), float(step))
+        if forge:
+            patcher = p.sd_model.forge_objects.unet
+            sigmas = patcher.model.predictor.sigma(t)
+            options = {"block_modifiers": list(patcher.block_modifiers), "sigmas": sigmas, "cond_or_uncond": [0]}
+            timesteps = patcher.model.predictor.timestep(sigmas)
+            out = patcher.model.diffusion_model(x, timesteps, transformer_options=options)
+        elif p.sd_model.is_sdxl:
+            out = p.sd_model.model.diffusion_model(x, timesteps=t, context=None)
+        else:
+            out = p.sd_model.model.diffusion_model(x, t, context=None)
+        p.unet_outputs.append(out.detach())
