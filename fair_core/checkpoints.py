@@ -110,10 +110,42 @@ def read_latest_checkpoint(output_dir: str | Path, count: int, log=print) -> Che
     return None
 
 
-def check_run_folder(output_dir: str | Path, resume: bool) -> None:
-    """Refuse a fresh run into a folder that holds another run's checkpoints (before any model loads): its
-    ``validation_before.json`` and checkpoints would be mixed into the new run. ``resume`` continues it instead."""
+RUN_CONFIG = "run_config.json"
+RESUMABLE_CHANGES = frozenset({"output_dir", "log_with", "device", "checkpoint_every", "keep_checkpoints",
+                               "validate_every", "val_images_per_prompt", "val_steps", "val_max_prompts"})
+"""Config keys a resumed run may change: where and how often it reports, not what it learns."""
+
+
+def check_run_folder(output_dir: str | Path, settings: dict[str, Any], resume: bool) -> None:
+    """The run-folder guard, before any model loads.
+
+    A fresh run into a folder holding another run's checkpoints is refused (its ``validation_before.json`` and
+    checkpoints would be mixed into the new run). A resumed run must have the settings the folder's run started
+    with (``run_config.json``), except :data:`RESUMABLE_CHANGES`; the changed keys are named. A fresh run records
+    its settings there.
+    """
+    path = Path(output_dir) / RUN_CONFIG
     found = finished_checkpoints(output_dir)
-    if found and not resume:
-        raise ValueError(f"{output_dir} holds another run (checkpoints up to {found[-1].name}); "
-                         "pass --resume to continue it, or set output_dir to a new folder")
+    if not resume:
+        if found:
+            raise ValueError(f"{output_dir} holds another run (checkpoints up to {found[-1].name}); "
+                             "pass --resume to continue it, or set output_dir to a new folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
+        return
+    if not path.is_file():
+        if found:
+            raise ValueError(f"{output_dir} has checkpoints but no {RUN_CONFIG}: cannot check that --resume "
+                             "continues the same run; start a new output_dir")
+        return check_run_folder(output_dir, settings, resume=False)
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged ({error.msg}); start a new output_dir") from None
+    current = json.loads(json.dumps(settings, default=str))
+    changed = sorted(k for k in set(stored) | set(current)
+                     if k not in RESUMABLE_CHANGES and stored.get(k) != current.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({stored.get(k)!r} -> {current.get(k)!r})" for k in changed)
+        raise ValueError(f"--resume with other settings than the run in {output_dir}: {shown}; "
+                         "resume with the same settings or start a new output_dir")

@@ -19,6 +19,7 @@ derived from ``(seed, slot)``, so a resumed run, or a run on a different number 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from fair_core.alignment import NO_TARGET, assign_targets, dal_loss
 from fair_core.audit import score_records, summarise_records
-from fair_core.checkpoints import Checkpoint, read_latest_checkpoint, write_checkpoint
+from fair_core.checkpoints import Checkpoint, check_run_folder, read_latest_checkpoint, write_checkpoint
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors, square_boxes
@@ -394,6 +395,7 @@ class FairTrainer:
     def fit(self, resume: bool = False, on_iteration: Callable[[int, dict], None] | None = None) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         started = time.perf_counter()
+        check_run_folder(self.output_dir, dataclasses.asdict(config), resume)  # every process: a refusal stops all
         if resume:
             checkpoint = read_latest_checkpoint(self.output_dir, len(self.parameters), log=accelerator.print)
             if checkpoint is not None:

@@ -13,15 +13,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_worker import make_trainer  # noqa: E402
 
 
+class Killed(Exception):
+    pass
+
+
+def _killed_after(iterations: int):
+    def stop(iteration: int, record: dict) -> None:
+        if iteration + 1 > iterations:
+            raise Killed
+
+    return stop
+
+
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
     make_trainer(str(tmp_path / "straight"), 3, keep_checkpoints=3).fit()
     run = tmp_path / "run"
-    make_trainer(str(run), 2, keep_checkpoints=3).fit()
+    with pytest.raises(Killed):  # killed in iteration 3, after checkpoints 1 and 2
+        make_trainer(str(run), 3, keep_checkpoints=3).fit(on_iteration=_killed_after(2))
     latest = run / "checkpoints" / "iter_0000002"
     (latest / "trainable.safetensors").write_bytes(b"\x00" * 16)  # a disk error in the newest checkpoint
     stale = run / "checkpoints" / "iter_0000003.tmp-99999"
     stale.mkdir()
-    (run / "fair_adaptor.safetensors").unlink()
     make_trainer(str(run), 3, keep_checkpoints=3).fit(resume=True)
     out = capsys.readouterr().out
     assert "iter_0000002 is damaged" in out and "kept as iter_0000002.damaged" in out
@@ -35,7 +47,16 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, capsy
     assert any(float(t.abs().max()) > 0 for k, t in got.items() if "lora_up" in k)
 
 
-def test_fresh_run_into_a_used_folder_stops_at_the_first_checkpoint_without_deleting(tmp_path):
+def test_resume_with_changed_settings_is_refused_naming_them(tmp_path):
+    make_trainer(str(tmp_path), 1).fit()
+    with pytest.raises(ValueError) as error:
+        make_trainer(str(tmp_path), 2, learning_rate=1e-2).fit(resume=True)
+    message = str(error.value)
+    assert "iterations (1 -> 2)" in message and "learning_rate (0.001 -> 0.01)" in message
+    make_trainer(str(tmp_path), 1, validate_every=5).fit(resume=True)  # reporting settings may change
+
+
+def test_fresh_run_into_a_used_folder_is_refused_without_deleting(tmp_path):
     make_trainer(str(tmp_path), 1).fit()
     before = {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="holds another run"):

@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from fair_core.run_setup import load_training_setup
     from fair_core.trainer import FairTrainer, make_accelerator
 
-    check_run_folder(config.output_dir, args.resume)
+    check_run_folder(config.output_dir, dataclasses.asdict(config), args.resume)
 
     # The scorer and the preservation encoders must sit where the trainer puts the diffusion model.
     accelerator = make_accelerator(config)
