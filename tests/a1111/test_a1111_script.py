@@ -21,8 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import load_script
-from webui_host import A1111Model, ForgeModel, Tab, write_test_adaptor
+from a1111_host import A1111Model, ForgeModel, Tab, load_script, write_test_adaptor
 
 PROMPT, NEGATIVE = "a nurse", "blurry"
 

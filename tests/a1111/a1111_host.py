@@ -1,9 +1,10 @@
-"""One web-UI tab around the script: build its UI through the ``ScriptRunner`` stand-in, set the accordion's
-values, generate, paste an infotext back. Also writes the adaptor files the tests use (with the library's own
-writer) and the loaded-model stand-ins."""
+"""One web-UI tab around the script: load the script, build its UI through the ``ScriptRunner`` stand-in, set the
+accordion's values, generate, paste an infotext back. Also writes the adaptor files the tests use (with the
+library's own writer) and the loaded-model stand-ins. Needs the ``standins`` fixture."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from fair_core.adaptor import FairAdaptor, FairMetadata, LoraWeights, SoftTokens
 from fair_core.targets import TargetDistribution
 from fair_core.toyworld.world import TOY_SCHEMA
 
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fair_adaptors.py"
 WIDTHS = {"te": 768, "te1": 768, "te2": 1280}
 TEXT_FAMILIES = {"sd15": ("te",), "sdxl": ("te1", "te2")}
 
@@ -36,6 +38,27 @@ def write_test_adaptor(path: Path, base: str = "sd15", name: str = "nurse_fair",
     target = TargetDistribution.uniform((TOY_SCHEMA["colour"],))
     metadata = FairMetadata(base_model=base, name=name, target=target)
     return save_adaptor(FairAdaptor(metadata=metadata, lora=lora, tokens=soft), path)
+
+
+def load_script(models: Path, forge: bool):
+    """Import the script as A1111's ``script_loading.load_module`` does (by file location, not registered in
+    ``sys.modules``), after pointing the stand-ins' ``paths.models_path`` and ``--lora-dir`` at ``models`` and
+    registering the built-in Lora; Forge's LoRA-only copies go to ``models/.cache``."""
+    from modules import extra_networks, paths, shared
+
+    import extra_networks_lora
+    import networks
+
+    paths.models_path = str(models)
+    shared.cmd_opts.lora_dir = str(models / "Lora")
+    networks.FORGE = forge
+    networks.list_available_networks()
+    extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
+    spec = importlib.util.spec_from_file_location("fair_adaptors", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.FORGE_CACHE = models / ".cache"
+    return module
 
 
 class MiddleBlock(torch.nn.Module):
