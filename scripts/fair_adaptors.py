@@ -278,6 +278,7 @@ class FairAdaptorScript(scripts.Script):
             try:
                 self.audit_batch(p, pp.images, batch_number)
             except (ValueError, RuntimeError, ImportError) as error:  # the images are kept whatever happens
+                p.extra_generation_params.pop(webui.INFOTEXT_AUDIT, None)  # not the previous batch's line
                 report(p, f"Fair audit of batch {batch_number + 1} failed: {error}")
 
     def audit_batch(self, p, images, batch_number: int) -> None:
