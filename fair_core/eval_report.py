@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,8 +25,11 @@ GAP = 2
 
 def write_paired_grids(out: Path, variants: Sequence[str], prompts: Sequence[str]) -> dict[str, Path]:
     """``out/grids/<slug>.png`` per prompt: row ``v`` holds ``out/images/<v>/<slug>/<j>.png``, ``j = 0, 1, ...``
-    (the same seeds in every row). Prompts without thumbnails are left out."""
+    (the same seeds in every row). Prompts without thumbnails are left out. Grids an earlier run into ``out`` wrote
+    for prompts this run does not have are removed (they are listed in ``grids/written.json``); nothing else is."""
     grids = {}
+    record = out / "grids" / "written.json"
+    earlier = json.loads(record.read_text()) if record.is_file() else []
     for prompt in prompts:
         slug = prompt_slug(prompt)
         rows = []
@@ -48,6 +52,10 @@ def write_paired_grids(out: Path, variants: Sequence[str], prompts: Sequence[str
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path)
         grids[prompt] = path
+    for name in set(earlier) - {path.name for path in grids.values()}:
+        (out / "grids" / Path(name).name).unlink(missing_ok=True)
+    if grids:
+        record.write_text(json.dumps(sorted(path.name for path in grids.values())))
     return grids
 
 

@@ -46,3 +46,15 @@ def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert code == 1 and len(error.splitlines()) == 1 and error.startswith(f"error: {blocker}")
     assert blocker.read_text() == "someone's file"
+
+
+def test_rerun_into_a_report_folder_leaves_no_stale_grid(tmp_path):
+    out = tmp_path / "o"
+    assert main(["eval", "--images", str(_noise_folder(tmp_path / "one", ("a_cat", "a_dog"), 2)), "--classifier", "toy",
+                 "--out", str(out)]) == 0
+    (out / "grids" / "my_own.png").write_bytes(b"not ours")
+    assert len(list((out / "grids").glob("*.png"))) == 3
+    assert main(["eval", "--images", str(_noise_folder(tmp_path / "two", ("a_dog",), 2)), "--classifier", "toy",
+                 "--out", str(out)]) == 0
+    names = sorted(p.name for p in (out / "grids").glob("*.png"))
+    assert names == sorted(["my_own.png", f"{prompt_slug('a dog')}.png"])

@@ -6,9 +6,11 @@ import sys
 
 import pytest
 
+from fair_core.evaluation import prompt_slug
 from fair_core.prompts import stable_seed
 from train_cli.main import main
 
+DOCTOR = prompt_slug("A photo of a doctor")
 
 
 def run(prompts, out, extra=()):
@@ -67,13 +69,13 @@ def test_report_has_tables_grids_and_per_prompt_changes(prompt_file, tmp_path):
     out = tmp_path / "r"
     assert run(prompt_file, out, ["--grid-images", "2", "--images", str(make_folder(tmp_path / "folder"))]) == 0
     page = (out / "report.html").read_text()
-    for text in ("Overall", "Paired change", "Per prompt", "A photo of a doctor", "folder − base", "grids/a_photo_of_a_doctor.png"):
+    for text in ("Overall", "Paired change", "Per prompt", "A photo of a doctor", "folder − base", f"grids/{DOCTOR}.png"):
         assert text in page
     from PIL import Image
 
-    grid = Image.open(out / "grids" / "a_photo_of_a_doctor.png")
+    grid = Image.open(out / "grids" / f"{DOCTOR}.png")
     assert grid.height > 2 * 16  # one row per variant (base, folder)
-    assert sorted(p.name for p in (out / "images" / "base" / "a_photo_of_a_doctor").iterdir()) == ["0.png", "1.png"]
+    assert sorted(p.name for p in (out / "images" / "base" / DOCTOR).iterdir()) == ["0.png", "1.png"]
 
 
 def make_folder(root):
