@@ -28,8 +28,9 @@ from pack_files import ADAPTOR, CHECKPOINT, TIMINGS, TOKEN, sd15_adaptor, sdxl_a
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
         terminalreporter.write_sep("-", "real ComfyUI layer timings")
-        for name, seconds in TIMINGS.items():
-            terminalreporter.write_line(f"{name:<40} {seconds:7.1f} s")
+        for name, value in TIMINGS.items():
+            unit = "GB" if name.endswith("RSS") else "s"
+            terminalreporter.write_line(f"{name:<45} {value:7.1f} {unit}")
 
 
 def _unavailable(reason: str):
@@ -103,5 +104,5 @@ def comfy(comfy_venv, workspace):
     yield client
     rss = subprocess.run(["ps", "-o", "rss=", "-p", str(server.process.pid)], capture_output=True, text=True).stdout
     if rss.strip():
-        TIMINGS["server RSS at the end (GB, not s)"] = int(rss) / 1e6
+        TIMINGS["server memory at the end: RSS"] = int(rss) / 1e6
     server.stop()

@@ -205,6 +205,10 @@ class Client:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as reply:
             return json.loads(reply.read())
 
+    def get_text(self, path: str) -> str:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as reply:
+            return reply.read().decode()
+
     def object_info(self) -> dict[str, Any]:
         return self.get("/object_info")
 

@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-from pack_files import ADAPTOR, CHECKPOINT, TOKEN, load_workflow, timed_run
 from harness import Rejected, execution_error
+from pack_files import ADAPTOR, CHECKPOINT, TOKEN, load_workflow, timed_run
+from workflow_format import EXAMPLES, ui_to_api
 
 PACK_NODES = {
     "FairAdaptorLoader": "Load Fair Adaptor",
@@ -56,6 +57,20 @@ def test_pack_imports_and_object_info_lists_every_node(comfy):
     assert sorted(adaptors) == sorted([ADAPTOR, "truncated.safetensors", "xl_fair.safetensors"])
     classifiers = info["FairAttributeClassifierLoader"]["input"]["required"]["classifier"][0]
     assert classifiers[0] == "pretrained:gender,age" and "gender-dlib.onnx" in classifiers
+
+
+def test_the_web_chart_extension_is_served(comfy):
+    listed = comfy.get("/extensions")
+    assert "/extensions/fair_adaptors/fair_audit_chart.js" in listed
+    script = comfy.get_text("/extensions/fair_adaptors/fair_audit_chart.js")
+    assert "registerExtension" in script and '"FairBiasAudit"' in script
+
+
+@pytest.mark.parametrize("api_file", sorted(p.name for p in EXAMPLES.glob("*.api.json")))
+def test_each_ui_workflow_is_its_api_workflow(comfy, api_file):
+    """The UI-format file users load holds the same graph and values as the API file the tests post."""
+    ui = json.loads((EXAMPLES / api_file.replace(".api.json", ".json")).read_text())
+    assert ui_to_api(ui, comfy.object_info()) == load_workflow(api_file)
 
 
 def small(prompt: dict) -> dict:
