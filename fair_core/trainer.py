@@ -411,7 +411,8 @@ class FairTrainer:
             range(self.state.iteration, config.iterations), initial=self.state.iteration, total=config.iterations,
             desc="fair train", disable=not accelerator.is_local_main_process, dynamic_ncols=True,
         )
-        latest_bias = _headline(before)
+        latest = _headline(before)
+        accelerator.print(f"before training: {latest} (distance to the target / bias, first target attribute)")
         for iteration in progress:
             record = self.train_iteration(iteration)
             self.state.iteration = iteration + 1
@@ -419,11 +420,11 @@ class FairTrainer:
                              "train/skipped_steps": self.state.skipped_steps}, step=self.state.iteration)
             if self.state.iteration % config.validate_every == 0 or self.state.iteration == config.iterations:
                 summary = self.validate(grid_path=self.output_dir / "samples" / f"iter_{self.state.iteration:07d}.png")
-                latest_bias = _headline(summary)
+                latest = _headline(summary)
                 accelerator.log({f"val/{k}": v for k, v in _flat_numbers(summary).items()}, step=self.state.iteration)
                 self.state.history.append({"iteration": self.state.iteration, "validation": summary})
-            # val_bias: from the latest validation (every validate_every iterations), not from this iteration's batch
-            progress.set_postfix(loss=f"{record['loss']:.3f}", val_bias=latest_bias, skipped=self.state.skipped_steps,
+            # val: from the latest validation (every validate_every iterations), not from this iteration's batch
+            progress.set_postfix(loss=f"{record['loss']:.3f}", val=latest, skipped=self.state.skipped_steps,
                                  no_face=self.state.faceless_steps)
             if record["faceless"]:
                 progress.write(f"iteration {self.state.iteration}: no image of {record['prompts']} had a face; step skipped")
@@ -543,12 +544,14 @@ def assignment_settings(config: TrainConfig) -> tuple[str, int]:
 
 
 def _headline(summary: dict | None) -> str:
-    """Overall bias of the first target attribute, for the progress bar."""
+    """``"distance/bias"`` of the first target attribute, over the validation prompts, for the progress bar: the
+    distance to the user's target leads (Shen et al.'s bias measures the distance from uniform)."""
     groups = (summary or {}).get("overall", {}).get("groups", {})
     if not groups:
         return "-"
-    value = next(iter(groups.values())).get("bias", {}).get("estimate")
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    first = next(iter(groups.values()))
+    values = [first.get(name, {}).get("estimate") for name in ("distance", "bias")]
+    return "/".join(f"{v:.3f}" if isinstance(v, (int, float)) else "-" for v in values)
 
 
 def _flat_numbers(data: dict, prefix: str = "") -> dict[str, float]:

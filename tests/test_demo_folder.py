@@ -1,5 +1,5 @@
-"""fair demo's report folder: a rerun replaces only what the demo wrote, and the figures say which CPU kernels
-made them."""
+"""fair demo's report folder: a rerun replaces only what the demo wrote, every attribute gets a chart, and the figures
+say which CPU kernels made them."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def test_rerun_replaces_its_own_training_folder_and_records_the_machine(tmp_path
         torch.set_num_threads(threads)  # the setting is process-wide; the rest of the suite keeps its threads
     assert (tmp_path / "training" / DEMO_MARKER).is_file()
     assert not (tmp_path / "training" / "left_over.txt").exists()
-    machine = json.loads((tmp_path / "summary.json").read_text())["machine"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "chart_colour.png").is_file()
+    assert (tmp_path / "chart_shape.png").is_file(), "the untargeted attribute's drift gets a chart of every class"
+    assert 0 <= saved["attributes"]["colour"]["distance_before_tv"] <= 1
+    machine = saved["machine"]
     assert machine == figures["machine"] and machine["threads"] == 1
     assert machine["cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "NO AVX", "VSX", "ZVECTOR", "SVE256"}

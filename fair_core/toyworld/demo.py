@@ -212,8 +212,10 @@ def _clear_own_training_folder(folder: Path) -> None:
 def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts: Sequence[str],
                        records: tuple[list, list], summaries: tuple[dict, dict], out: Path) -> dict[str, Any]:
     """One attribute's entry of ``summary.json``: class shares before/after (mean over ``prompts``) and how far
-    each prompt's distribution moved (TV); for a targeted attribute also its target, the distance to it after,
-    and ``chart_<name>.png`` (share of the first class per prompt: before / after / target)."""
+    each prompt's distribution moved (TV); for a targeted attribute also its target and the distance to it after.
+    ``chart_<name>.png``: for a targeted two-class attribute the share of the first class per prompt (before /
+    after / target); otherwise every class's share, mean over prompts (before / after, and the target if
+    targeted), so a class that collapses, or an untargeted attribute that drifts, shows."""
     classes = len(attribute.classes)
     shares_before, shares_after = (_prompt_shares(r, attribute.name, classes) for r in records)
     moved = [float(total_variation(shares_before[p], shares_after[p])) for p in prompts]
@@ -221,20 +223,32 @@ def _attribute_figures(attribute: Attribute, target: TargetDistribution, prompts
              "before": np.mean([shares_before[p] for p in prompts], axis=0).tolist(),
              "after": np.mean([shares_after[p] for p in prompts], axis=0).tolist(),
              "moved_tv_per_prompt": dict(zip(prompts, moved)), "moved_tv": float(np.mean(moved))}
+    series = {"before": entry["before"], "after": entry["after"]}
     if entry["targeted"]:
         before, after = summaries
         entry["target"] = target.marginal(attribute.name).tolist()
+        entry["distance_before_tv"] = before["overall"]["groups"][attribute.name]["distance"]["estimate"]
         entry["distance_after_tv"] = after["overall"]["groups"][attribute.name]["distance"]["estimate"]  # mean over prompts
+        series["target"] = entry["target"]
+    if entry["targeted"] and classes == 2:
         per_prompt = {when: [s["prompts"][p]["groups"][attribute.name]["frequencies"]["estimate"][0] for p in prompts]
                       for when, s in (("before", before), ("after", after))}
         per_prompt["target"] = [entry["target"][0]] * len(prompts)
         distribution_chart(out / f"chart_{attribute.name}.png", [p.split()[-1] for p in prompts], per_prompt,
                            title=f"share of {attribute.classes[0]} per held-out occupation (evaluation classifier)")
+    else:
+        what = "targeted" if entry["targeted"] else "not targeted: should stay as it was"
+        distribution_chart(out / f"chart_{attribute.name}.png", attribute.classes, series,
+                           title=f"{attribute.name} ({what}), mean over held-out occupations")
     return entry
 
 
 def _headline(figures: dict, target_names: Sequence[str]) -> str:
-    lines = ["", "bias on held-out occupations (mean over prompts, 95% bootstrap interval):"]
+    lines = ["", "distance to the target on held-out occupations (TV, mean over prompts):"]
+    for name in target_names:
+        entry = figures["attributes"][name]
+        lines.append(f"  {name}: {entry['distance_before_tv']:.3f} -> {entry['distance_after_tv']:.3f}")
+    lines.append("bias (Shen et al.'s distance from uniform; mean over prompts, 95% bootstrap interval):")
     for name in target_names:
         b, a, c = (figures[k]["overall"]["groups"][name]["bias"] for k in ("before", "after", "change"))
         lines.append(f"  {name}: {b['estimate']:.3f} [{b['low']:.3f}, {b['high']:.3f}] -> {a['estimate']:.3f} "
@@ -242,8 +256,6 @@ def _headline(figures: dict, target_names: Sequence[str]) -> str:
     for name, entry in figures["attributes"].items():
         if not entry["targeted"]:
             lines.append(f"  {name} (not targeted): distribution moved by TV {entry['moved_tv']:.3f} (mean over prompts)")
-        else:
-            lines.append(f"  {name}: distance to target after (TV) {entry['distance_after_tv']:.3f}")
     content = figures["content_change"]
     lines.append(f"  paired images: position moved {content['position_px']:.2f} px, size {content['size_px']:.2f} px, "
                  f"background {content['background']:.3f} (16 px images)")
