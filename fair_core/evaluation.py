@@ -74,14 +74,27 @@ def check_cache_settings(cache_path: Path, fingerprint: dict) -> None:
     if settings_path.is_file():
         stored = json.loads(settings_path.read_text(encoding="utf-8"))
         if stored != fingerprint:
-            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-            raise ValueError(f"{cache_path} holds results made with other settings (differs in: {', '.join(changed)}); "
+            old, new = _flat(stored), _flat(fingerprint)
+            changed = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
+                                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise ValueError(f"{cache_path} holds results made with other settings (differs in: {changed}); "
                              "use a new --out folder or delete that cache")
     elif cache_path.is_file() and cache_path.stat().st_size > 0:
         raise ValueError(f"{cache_path} has no settings record; use a new --out folder or delete that cache")
     else:
         settings_path.parent.mkdir(parents=True, exist_ok=True)
         settings_path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """``{"settings": {"seed": 0}}`` -> ``{"settings.seed": 0}``."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def thumbnail_saver(folder: Path, count: int) -> ImageCallback:

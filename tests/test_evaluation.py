@@ -62,7 +62,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def test_rerun_with_other_settings_is_refused(prompt_file, tmp_path, capsys):
     assert run(prompt_file, tmp_path / "a") == 0
     assert run(prompt_file, tmp_path / "a", ["--seed", "1"]) == 2
-    assert "other settings (differs in: settings)" in capsys.readouterr().err
+    assert "other settings (differs in: settings.seed (0 -> 1))" in capsys.readouterr().err
 
 
 def test_report_has_tables_grids_and_per_prompt_changes(prompt_file, tmp_path):
