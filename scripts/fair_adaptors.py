@@ -260,20 +260,24 @@ class FairAdaptorScript(scripts.Script):
                 self.run.forge_embeddings.append((database, token.name))
 
     def edit_hires_prompts(self, p, batch_number: int, edit) -> None:
-        """The hires pass parses its own prompts (``p.all_hr_prompts``): edit this batch's until the batch is done,
-        so that the adaptor stays active there too."""
+        """The hires pass parses its own prompts out of ``p.all_hr_prompts`` right after this hook: edit this
+        batch's until then (:meth:`process_batch` restores them), so that the adaptor stays active there too."""
         if not getattr(p, "enable_hr", False) or not getattr(p, "all_hr_prompts", None):
             return
         batch = slice(batch_number * p.batch_size, (batch_number + 1) * p.batch_size)
         self.run.hires_originals = (batch, p.all_hr_prompts[batch])
         p.all_hr_prompts[batch] = [edit(prompt) for prompt in p.all_hr_prompts[batch]]
 
-    def postprocess_batch_list(self, p, pp, *args, batch_number: int, **kwargs) -> None:
-        """Before this batch's infotexts are written: restore the hires prompts, audit the batch."""
+    def process_batch(self, p, *args, **kwargs) -> None:
+        """After the prompts were parsed, before params.txt and the infotexts are written: the hires prompts as
+        typed again."""
         if self.run.hires_originals is not None:
             batch, originals = self.run.hires_originals
             p.all_hr_prompts[batch] = originals
             self.run.hires_originals = None
+
+    def postprocess_batch_list(self, p, pp, *args, batch_number: int, **kwargs) -> None:
+        """Before this batch's infotexts are written: audit the batch."""
         if self.run.audit is not None and pp.images:
             try:
                 self.audit_batch(p, pp.images, batch_number)

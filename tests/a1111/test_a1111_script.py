@@ -254,10 +254,11 @@ def test_the_hires_pass_keeps_the_adaptor_and_its_prompts_are_restored(models):
     write_test_adaptor(models / "Lora" / "a.safetensors", name="nurse_fair")
     tab = make_tab(models)
     tab.set(enabled=True, adaptor="nurse_fair", strength=0.8)
-    p, _ = tab.generate(A1111Model("sd15"), prompt=PROMPT, enable_hr=True)
+    p, processed = tab.generate(A1111Model("sd15"), prompt=PROMPT, enable_hr=True)
     assert p.conds == [(["nurse_fair a nurse"], [""]), ("hires", ["nurse_fair a nurse"])]
     assert lora_calls() == [(["nurse_fair"], [0.8], [0.8])] * 2
     assert p.all_hr_prompts == [PROMPT]
+    assert "Hires prompt" not in p.params_txt and "Hires prompt" not in processed.infotexts[0]
 
 
 def test_the_batch_audit_writes_a_line_per_batch_and_a_panel_under_the_gallery(models):

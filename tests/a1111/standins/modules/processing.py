@@ -4,10 +4,12 @@
 ``prompts``, ``negative_prompts``, ``extra_generation_params``, ``comment()``, ``sd_model``, ``script_args``, and the
 txt2img hires fields ``enable_hr``/``all_hr_prompts``). ``process_images(p)`` runs the hooks in the order of
 ``process_images_inner``: ``setup_prompts``, ``scripts.process``, then per batch ``before_process_batch`` ->
-``parse_extra_network_prompts`` -> ``extra_networks.activate`` -> conditioning (recorded in ``p.conds``) -> sampling
+``parse_extra_network_prompts`` -> ``extra_networks.activate`` -> ``process_batch`` -> conditioning (recorded in
+``p.conds``) -> the first batch's infotext to params.txt (``p.params_txt``) -> sampling
 (random pixels; the UNet is called as :func:`run_unet` says) -> prompts reset from ``all_prompts`` ->
 ``postprocess_batch_list`` -> one ``create_infotext`` per image; then ``scripts.postprocess``. With ``enable_hr`` the
-hires pass parses ``all_hr_prompts`` and activates its own networks, as ``StableDiffusionProcessingTxt2Img`` does.
+hires pass parses ``all_hr_prompts`` and activates its own networks, and the infotext has a "Hires prompt" when it
+differs from the prompt, as ``StableDiffusionProcessingTxt2Img`` does.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class Processed:
 def create_infotext(p, all_prompts, all_seeds, index=0):
     generation_params = {"Steps": p.steps, "Seed": all_seeds[index], "Size": f"{p.width}x{p.height}",
                          **p.extra_generation_params}
+    if p.enable_hr and p.all_hr_prompts[index] != all_prompts[index]:
+        generation_params["Hires prompt"] = p.all_hr_prompts[index]
     text = ", ".join([k if k == v else f'{k}: {infotext_utils.quote(v)}' for k, v in generation_params.items()
                       if v is not None])
     negative_prompt_text = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
@@ -85,7 +89,10 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
         p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
         p.parse_extra_network_prompts()
         extra_networks.activate(p, p.extra_network_data)
+        p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
         p.conds.append((list(p.prompts), list(p.negative_prompts)))
+        if n == 0:
+            p.params_txt = create_infotext(p, p.all_prompts, p.all_seeds)
         if p.enable_hr:
             extra_networks.activate(p, p.hr_extra_network_data)
             p.conds.append(("hires", list(p.hr_prompts)))

@@ -6,7 +6,7 @@
 * ``ScriptRunner``: how the web UI builds a script's UI (``create_script_ui``: ``args_from``/``args_to``, collected
   ``infotext_fields``), dispatches ``after_component`` callbacks by ``elem_id``, and calls the hooks with
   ``p.script_args[args_from:args_to]``: ``process(p, *args)``, ``before_process_batch(p, *args, **kwargs)``,
-  ``postprocess_batch_list(p, pp, *args, **kwargs)``, ``postprocess(p, processed, *args)``, and Forge's
+  ``process_batch(p, *args, **kwargs)``, ``postprocess_batch_list(p, pp, *args, **kwargs)``, ``postprocess(p, processed, *args)``, and Forge's
   ``process_before_every_sampling(p, *args, **kwargs)``.
 """
 
@@ -55,6 +55,9 @@ class Script:
         pass
 
     def before_process_batch(self, p, *args, **kwargs):
+        pass
+
+    def process_batch(self, p, *args, **kwargs):
         pass
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -120,6 +123,10 @@ class ScriptRunner:
     def before_process_batch(self, p, **kwargs):
         for script in self.alwayson_scripts:
             script.before_process_batch(p, *p.script_args[script.args_from:script.args_to], **kwargs)
+
+    def process_batch(self, p, **kwargs):
+        for script in self.alwayson_scripts:
+            script.process_batch(p, *p.script_args[script.args_from:script.args_to], **kwargs)
 
     def process_before_every_sampling(self, p, **kwargs):
         for script in self.alwayson_scripts:
