@@ -20,6 +20,8 @@ from fair_core.scoring import AttributeScorer
 from fair_core.targets import TargetDistribution
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_AUDIT_SIDE = 2048
+"""Longest side of an image as the folder audit scores it (larger files are shrunk first, and reported)."""
 ImageCallback = Callable[[Sequence[str], Sequence[int], torch.Tensor], None]
 """``on_images(prompts, indices, images)``: sees each batch ``(n, 3, H, W)`` in [-1, 1] as it is scored."""
 
@@ -141,34 +143,48 @@ def audit_folder(folder: str | Path, scorer: AttributeScorer, target: TargetDist
 
 @dataclass
 class FolderReport:
-    """What :func:`score_image_folder` did besides scoring: files it converted, resized or could not read."""
+    """What :func:`score_image_folder` did besides scoring: files it converted, resized, could not read, or left
+    out (not an image suffix we read, or inside a nested folder)."""
 
-    converted: list[str]
-    resized: list[str]
-    unreadable: list[str]
+    converted: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = []
-        for what, files in (("converted to RGB", self.converted), ("resized", self.resized), ("unreadable, skipped", self.unreadable)):
+        for what, files in (("converted to RGB", self.converted), ("resized", self.resized),
+                            ("unreadable, skipped", self.unreadable), ("not read (not an image file we read, or in a "
+                                                                      "nested folder)", self.ignored)):
             if files:
                 out.append(f"{len(files)} image(s) {what}: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
         return out
 
 
-def read_image_folder(folder: str | Path) -> dict[str, list[Path]]:
+def read_image_folder(folder: str | Path, report: FolderReport | None = None) -> dict[str, list[Path]]:
     """Prompt -> image files of a folder of already generated images.
 
     Layout: one subfolder per prompt, named by the prompt (underscores read as spaces), holding images
-    (``.png``/``.jpg``/``.jpeg``/``.webp``/``.bmp``) in name order; image ``j`` is the ``j``-th file.
+    (``.png``/``.jpg``/``.jpeg``/``.webp``/``.bmp``) in name order; image ``j`` is the ``j``-th file. Anything
+    else (other files, nested folders, files beside the subfolders) is listed in ``report.ignored``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"image folder not found: {folder}")
+    report = report if report is not None else FolderReport()
     prompts = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            report.ignored.append(entry.name)
+            continue
+        files = []
+        for item in sorted(entry.iterdir()):
+            if item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(item)
+            else:
+                report.ignored.append(f"{entry.name}/{item.name}")
         if files:
-            prompts[sub.name.replace("_", " ")] = files
+            prompts[entry.name.replace("_", " ")] = files
     if not prompts:
         raise ValueError(f"{folder}: no images found; expected one subfolder per prompt holding "
                          f"{'/'.join(IMAGE_SUFFIXES)} files")
@@ -183,8 +199,9 @@ def score_image_folder(folder: str | Path, scorer: AttributeScorer, input_size: 
     classifier's fixed size) other sizes are resized; files PIL cannot read are skipped. All three are
     listed in the :class:`FolderReport`, never raised.
     """
-    report = FolderReport([], [], [])
-    files = [(prompt, index, path) for prompt, paths in read_image_folder(folder).items() for index, path in enumerate(paths)]
+    report = FolderReport()
+    files = [(prompt, index, path) for prompt, paths in read_image_folder(folder, report).items()
+             for index, path in enumerate(paths)]
     records = []
     # Read one batch of files at a time (a folder of SD images does not fit in memory at once); score
     # equal-sized images together (faces may be scored at any size).
@@ -204,8 +221,9 @@ def score_image_folder(folder: str | Path, scorer: AttributeScorer, input_size: 
 
 
 def _read_image(path: Path, input_size: int | None, report: FolderReport) -> torch.Tensor | None:
-    """``(3, H, W)`` in [-1, 1] by :mod:`fair_core.images`' rules, resized to ``input_size`` if given, or None if
-    unreadable; what was done is added to ``report``."""
+    """``(3, H, W)`` in [-1, 1] by :mod:`fair_core.images`' rules, resized to ``input_size`` if given, else shrunk
+    to :data:`MAX_AUDIT_SIDE` on its long side (face detection works at 2048 px anyway, and an 8000 px photo would
+    otherwise take gigabytes as float tensors), or None if unreadable; what was done is added to ``report``."""
     from PIL import Image
 
     shown = f"{path.parent.name}/{path.name}"
@@ -216,7 +234,12 @@ def _read_image(path: Path, input_size: int | None, report: FolderReport) -> tor
         return None
     if mode != "RGB":
         report.converted.append(shown)
-    if input_size is not None and pixels.shape[:2] != (input_size, input_size):
+    height, width = pixels.shape[:2]
+    size = (input_size, input_size) if input_size is not None else None
+    if size is None and max(height, width) > MAX_AUDIT_SIDE:
+        scale = MAX_AUDIT_SIDE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size is not None and size != (width, height):
         report.resized.append(shown)
-        pixels = np.asarray(Image.fromarray(pixels).resize((input_size, input_size), Image.Resampling.BICUBIC))
+        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
     return image_to_tensor(pixels)

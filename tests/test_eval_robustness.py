@@ -58,3 +58,19 @@ def test_rerun_into_a_report_folder_leaves_no_stale_grid(tmp_path):
                  "--out", str(out)]) == 0
     names = sorted(p.name for p in (out / "grids").glob("*.png"))
     assert names == sorted(["my_own.png", f"{prompt_slug('a dog')}.png"])
+
+
+def test_files_left_out_of_a_folder_audit_are_counted_and_big_images_shrunk(tmp_path, capsys):
+    from fair_core.audit import MAX_AUDIT_SIDE, audit_folder
+    from fair_core.resolve import resolve_scorer
+
+    folder = _noise_folder(tmp_path / "gen", ("a_cat",), 2)
+    Image.new("RGB", (8, 8)).save(folder / "a_cat" / "animated.gif")
+    (folder / "a_cat" / "nested").mkdir()
+    (folder / "notes.txt").write_text("not a prompt folder")
+    Image.new("RGB", (MAX_AUDIT_SIDE * 2, 64)).save(folder / "a_cat" / "wide.png")
+    result = audit_folder(folder, resolve_scorer("pretrained:gender").scorer)
+    assert len(result.records) == 3
+    assert any(n.startswith("1 image(s) resized: a_cat/wide.png") for n in result.notes)  # only the wide one
+    ignored = next(n for n in result.notes if n.startswith("3 image(s) not read"))
+    assert all(name in ignored for name in ("a_cat/animated.gif", "a_cat/nested", "notes.txt"))
