@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+import skimage.data
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 
 from fair_core.adaptor import save_adaptor  # noqa: E402
-from pack_files import ADAPTOR, CHECKPOINT, TIMINGS, TOKEN, sd15_adaptor, sdxl_adaptor  # noqa: E402
+from pack_files import ADAPTOR, CHECKPOINT, FACE_IMAGE, TIMINGS, TOKEN, sd15_adaptor, sdxl_adaptor  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -84,6 +86,8 @@ def workspace(tmp_path_factory, sd15_checkpoint) -> Path:
     save_file({"clip_l": next(iter(bundled.values())).contiguous()}, str(models / "embeddings" / f"{TOKEN}.safetensors"))
     write_pretrained(models / "attribute_classifiers")
     (models / "attribute_classifiers" / "broken.onnx").write_bytes(b"\x08\x07 this is not an onnx model")
+    (root / "input").mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(root / "input" / FACE_IMAGE)
     nodes = root / "custom_nodes"
     nodes.mkdir()
     (nodes / "fair_adaptors").symlink_to(harness.REPO, target_is_directory=True)

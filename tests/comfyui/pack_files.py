@@ -18,6 +18,7 @@ TIMINGS: dict[str, float] = {}
 ADAPTOR = "nurse_fair.safetensors"
 TOKEN = "fairtok"
 CHECKPOINT = "random_sd15.safetensors"
+FACE_IMAGE = "astronaut.png"  # scikit-image's sample photo (NASA, public domain): one real face, for the audit
 
 
 def sd15_adaptor(rank: int = 4, alpha: float = 2.0, vectors: int = 3, seed: int = 0) -> FairAdaptor:

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from harness import Rejected, execution_error
-from pack_files import ADAPTOR, CHECKPOINT, TOKEN, load_workflow, timed_run
+from pack_files import ADAPTOR, CHECKPOINT, FACE_IMAGE, TOKEN, load_workflow, timed_run
 from workflow_format import EXAMPLES, ui_to_api
 
 PACK_NODES = {
@@ -87,26 +87,38 @@ def small(prompt: dict) -> dict:
             inputs.update(width=64, height=64, batch_size=2)
         elif item["class_type"] == "KSampler":
             inputs["steps"] = 2
+        elif item["class_type"] == "LoadImage":
+            inputs["image"] = FACE_IMAGE
     return prompt
 
 
 @pytest.mark.parametrize("name", ["fair_adaptor_txt2img_audit.api.json", "mid_block_bypass_audit.api.json"])
-def test_example_workflow_completes_with_the_audit_in_history(comfy, name):
+def test_example_txt2img_workflow_completes_with_the_audit_in_history(comfy, name):
     prompt = small(load_workflow(name))
     entry = timed_run(comfy, f"workflow {name}", prompt)
     assert_ran(entry)
     audit_id = next(i for i, item in prompt.items() if item["class_type"] == "FairBiasAudit")
     output = entry["outputs"][audit_id]
-    summary = output["text"][0]
-    assert "0 of 2 images with a face" in summary  # random weights draw noise, not faces
+    assert "0 of 2 images with a face" in output["text"][0]  # random weights draw noise, not faces
     report = output["fair_audit"][0]
     assert report["summary"]["num_images"] == 2 and report["summary"]["num_faces"] == 0
-    assert set(report["target"]) >= {"gender"} or report["target"]
-    saved = [item for item_id, item in prompt.items() if item["class_type"] == "SaveImage"]
-    assert saved and all(len(entry["outputs"][i]["images"]) == 2 for i, item in prompt.items()
-                         if item["class_type"] == "SaveImage")
+    saved = [i for i, item in prompt.items() if item["class_type"] == "SaveImage"]
+    assert saved and all(len(entry["outputs"][i]["images"]) == 2 for i in saved)
     previews = [i for i, item in prompt.items() if item["class_type"] == "PreviewImage"]
     assert previews and all(entry["outputs"][i]["images"] for i in previews)  # the chart (and boxes) rendered
+
+
+def test_example_audit_workflow_finds_the_face_and_reports_every_attribute(comfy):
+    prompt = small(load_workflow("audit_an_image.api.json"))
+    entry = timed_run(comfy, "workflow audit_an_image.api.json", prompt)
+    assert_ran(entry)
+    output = entry["outputs"]["4"]
+    assert output["text"][0].startswith("1 of 1 images with a face")
+    groups = output["fair_audit"][0]["summary"]["groups"]
+    for name, classes in (("gender", ["female", "male"]), ("age", ["young", "old"])):
+        assert groups[name]["classes"] == classes and groups[name]["target"] == [0.5, 0.5]
+        assert sum(groups[name]["frequencies"]["estimate"]) == pytest.approx(1.0)
+    assert entry["outputs"]["5"]["images"] and entry["outputs"]["6"]["images"]  # chart, and the boxed face
 
 
 def test_load_fair_adaptor_patches_exactly_like_the_stock_lora_loader(comfy):
