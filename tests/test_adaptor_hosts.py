@@ -113,9 +113,15 @@ def test_base_check_names_both_bases():
     check_base(_adaptor("sd15", {}), "sd15")
 
 
-def test_host_view_imports_without_training_libraries():
-    """ComfyUI/A1111 bring their own torch but maybe not peft/diffusers: the file format must not need them."""
-    code = ("import sys, fair_core.adaptor; import fair_core.adaptor.hosts; "
+HOST_MODULES = ("fair_core.adaptor", "fair_core.adaptor.hosts", "fair_core.adaptor.writer", "fair_core.audit",
+                "fair_core.resolve", "fair_core.images", "fair_core.plots", "fair_core.midblock", "fair_core.webui",
+                "fair_core.host_helpers", "fair_core.faces")
+
+
+def test_host_side_modules_import_without_training_libraries():
+    """ComfyUI/A1111 bring their own torch but maybe not peft/diffusers/transformers/accelerate (installing them
+    under a host's pinned versions can fail): nothing the nodes and the A1111 script import may need them."""
+    code = (f"import sys; import {', '.join(HOST_MODULES)}; "
             "print(sorted(m for m in ('peft', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
@@ -133,3 +139,16 @@ def test_toy_adaptors_claim_no_kohya_base_and_the_trained_resolution_is_recorded
     header = read_adaptor(tmp_path / "toy.safetensors").header
     assert header["ss_base_model_version"] == "fair_toyworld" and header["modelspec.resolution"] == "32x32"
     assert read_adaptor_header(tmp_path / "toy.safetensors").base_model == "toy"
+
+
+def test_tokens_come_back_in_the_order_they_were_written(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    names = ["zeta", "alpha", "mid"]  # safetensors sorts keys: the file's own order would be alpha, mid, zeta
+    tokens = [SoftTokens(n, {"te": torch.randn(i + 1, 768, generator=generator)}) for i, n in enumerate(names)]
+    adaptor = FairAdaptor(FairMetadata(base_model="sd15", name="order"), {}, tokens)
+    save_adaptor(adaptor, tmp_path / "order.safetensors")
+    read_back = read_adaptor(tmp_path / "order.safetensors")
+    assert [t.name for t in read_back.tokens] == names
+    assert prompt_words(read_back) == "zeta alpha mid"
+    assert torch.equal(soft_token_vectors(read_back)["clip_l"], torch.cat([t.vectors["te"] for t in tokens]))
+    assert [t.name for t in read_adaptor_header(tmp_path / "order.safetensors").tokens] == names

@@ -26,13 +26,13 @@ from fair_core.adaptor.naming import BASES, TEXT_ENCODER_FAMILIES, lora_prefix
 from fair_core.adaptor.paper import convert_paper_checkpoints
 from fair_core.adaptor.reader import read_adaptor
 from fair_core.adaptor.validate import validate_adaptor
+from fair_core.adaptor.writer import adaptor_from_models, lora_from_model, save_adaptor, write_adaptor
 
-# The applier and writer need peft (and the models it wraps); host applications that only read files and hand
-# the tensors to their own LoRA loader must not pay for, or even have, peft. Imported on first use.
+# The applier needs peft (and the models it wraps); host applications that only read files and hand the tensors
+# to their own LoRA loader must not pay for, or even have, peft. Imported on first use.
 _LAZY = {
     "add_soft_tokens": "applier", "apply_adaptor": "applier", "apply_adaptor_to_parts": "applier",
     "merge_adaptor": "applier", "soft_prompt_of": "applier", "text_encoders_by_family": "applier",
-    "adaptor_from_models": "writer", "lora_from_model": "writer", "save_adaptor": "writer", "write_adaptor": "writer",
 }
 
 

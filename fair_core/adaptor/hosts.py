@@ -24,7 +24,7 @@ import torch
 
 from fair_core.adaptor.container import FairAdaptor
 from fair_core.adaptor.errors import AdaptorError
-from fair_core.adaptor.metadata import FairMetadata
+from fair_core.adaptor.metadata import FairMetadata, token_order
 from fair_core.adaptor.naming import FAMILIES, LORA_PARTS, lora_key, parse_lora_key, parse_token_key, token_key
 from fair_core.targets import Attribute, TargetDistribution
 
@@ -144,7 +144,7 @@ def read_adaptor_header(path: str | Path) -> AdaptorHeader:
         target=parsed.target,
         ranks=tuple(sorted(ranks)),
         modules={family: families[family] for family in FAMILIES if families[family]},
-        tokens=tuple(_token_info(name, shapes) for name, shapes in tokens.items()),
+        tokens=tuple(_token_info(name, tokens[name]) for name in token_order(metadata, tokens)),
         classifier=parsed.classifier,
     )
 

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.naming import BASES
@@ -331,3 +331,12 @@ def _shown(value: Any, limit: int = 80) -> str:
         text = repr(value)
     text = text if len(text) <= limit else text[:limit] + "..."
     return escape(text)
+
+
+def token_order(header: Mapping[str, str], names: Iterable[str]) -> list[str]:
+    """``names`` (soft tokens found in a file) in the order they were written: safetensors stores tensors sorted
+    by key, so a file's own order is lost; ``fair.tokens`` keeps it. Names it does not list follow, as given."""
+    listed = [t["name"] for t in _json(header, "fair.tokens", FAIR_JSON_KEYS["fair.tokens"])] \
+        if "fair.tokens" in header else []
+    names = list(names)
+    return [n for n in listed if n in names] + [n for n in names if n not in listed]

@@ -19,7 +19,7 @@ from safetensors.torch import load
 from fair_core.adaptor.checksum import HEADER_LENGTH_BYTES, check_content_hash, data_sha256
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
 from fair_core.adaptor.errors import AdaptorError, list_some
-from fair_core.adaptor.metadata import FairMetadata
+from fair_core.adaptor.metadata import FairMetadata, token_order
 from fair_core.adaptor.naming import LoraKey, TokenKey, lora_key, parse_lora_key, parse_token_key, token_key
 from fair_core.adaptor.validate import base_from_keys, check_dtype, check_tensor_dtypes, validate_adaptor
 from fair_core.terminal import escape, shown_path
@@ -115,7 +115,8 @@ def adaptor_from_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping
     adaptor = FairAdaptor(
         metadata=FairMetadata.from_metadata(header),
         lora={prefix: _lora_weights(prefix, found) for prefix, found in sorted(parts.items())},
-        tokens=[SoftTokens(name, dict(sorted(vectors.items()))) for name, vectors in token_vectors.items()],
+        tokens=[SoftTokens(name, dict(sorted(token_vectors[name].items())))
+                for name in token_order(header, token_vectors)],
         header=dict(header),
     )
     if adaptor.base_model is None:

@@ -8,13 +8,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 from fair_core.adaptor.checksum import HASH_KEY, check_content_hash, data_sha256, tensors_sha256
 from fair_core.adaptor.container import FairAdaptor, LoraWeights, SoftTokens
@@ -40,6 +41,9 @@ def lora_from_model(
         kohya prefix to :class:`LoraWeights`. The alpha written is the one giving peft's scale (``lora_alpha``, or
         ``lora_alpha * sqrt(r)`` for rsLoRA), not any runtime ``set_scale`` multiplier.
     """
+    from peft import PeftModel  # here, not at the top: saving a file must not need peft (host applications)
+    from peft.tuners.lora import LoraLayer
+
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     weights: dict[str, LoraWeights] = {}
