@@ -70,12 +70,12 @@ export function drawAudit(canvas, report) {
   ctx.fillText(`${summary.num_faces}/${summary.num_images} faces` +
     (rate == null ? "" : ` (face rate ${(100 * rate).toFixed(0)}%)`), 8, 14);
   ctx.fillStyle = COLOURS.observed;
-  ctx.fillRect(canvas.width - 130, 6, 10, 10);
+  ctx.fillRect(canvas.width - 140, 6, 10, 10);
   ctx.fillStyle = COLOURS.target;
-  ctx.fillRect(canvas.width - 65, 6, 10, 10);
+  ctx.fillRect(canvas.width - 58, 6, 10, 10);
   ctx.fillStyle = COLOURS.text;
-  ctx.fillText("observed", canvas.width - 116, 15);
-  ctx.fillText("target", canvas.width - 51, 15);
+  ctx.fillText("observed", canvas.width - 126, 15);
+  ctx.fillText("target", canvas.width - 44, 15);
   if (!groups.length || !summary.num_faces) {
     ctx.fillText("no faces: no bias figures", 8, 40);
     return;
@@ -105,6 +105,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const report = message?.fair_audit?.[0];
+      this.fairAuditReport = report;
       if (this.fairAuditCanvas) drawAudit(this.fairAuditCanvas, report);
     };
   },
