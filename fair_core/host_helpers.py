@@ -86,7 +86,8 @@ def splice_soft_tokens(tokens: Mapping[str, list[list[tuple]]], vectors: Mapping
         first = list(chunks[0]) if chunks else []
         slots = first[1 : 1 + count]
         ids = {entry[0] for entry in slots}
-        if len(slots) < count or len(ids) != 1 or not isinstance(next(iter(ids)), int) or not isinstance(first[0][0], int):
+        placeholders = len(slots) == count and len(ids) == 1 and isinstance(next(iter(ids)), int)
+        if not placeholders or not isinstance(first[0][0], int):
             raise ValueError(f"encoder {key!r}: expected BOS and {count} placeholder tokens at the start of the prompt")
         for i, entry in enumerate(slots):
             first[1 + i] = (stack[i], *entry[1:])

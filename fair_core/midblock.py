@@ -102,7 +102,8 @@ def branch_mask(cond_or_uncond: Sequence[int], batch: int, apply_to: str) -> tor
     return chunk.repeat_interleave(batch // len(cond_or_uncond))
 
 
-def blend(h_in: torch.Tensor, h_mid: torch.Tensor, weight: torch.Tensor | float, match_std: bool = False) -> torch.Tensor:
+def blend(h_in: torch.Tensor, h_mid: torch.Tensor, weight: torch.Tensor | float,
+          match_std: bool = False) -> torch.Tensor:
     """``h_in + λ · (h_mid − h_in)``, per sample.
 
     Args:
@@ -137,6 +138,7 @@ def row_weights(schedule: BypassSchedule, timesteps: torch.Tensor, batch: int, c
     timesteps = torch.as_tensor(timesteps).reshape(-1)
     if timesteps.numel() == 0 or batch % timesteps.numel():
         raise ValueError(f"{timesteps.numel()} timesteps do not tile a batch of {batch} rows")
-    weights = schedule.weights(progress_of_timestep(timesteps.float(), num_timesteps)).repeat(batch // timesteps.numel())
+    progress = progress_of_timestep(timesteps.float(), num_timesteps)
+    weights = schedule.weights(progress).repeat(batch // timesteps.numel())
     mask = branch_mask(cond_or_uncond, batch, apply_to).to(weights.device)
     return torch.where(mask, weights, torch.ones_like(weights))

@@ -70,8 +70,10 @@ async def drive(browser_url: str, server: str, workflow: dict, out: str) -> dict
         page = Session(socket, attached["sessionId"])
         await page.send("Page.enable")
         await page.send("Page.navigate", url=server)
-        await page.wait_for("Boolean(window.app && window.app.graph && window.app.graph._nodes)", 60, "the ComfyUI page")
-        await page.evaluate(f"app.loadGraphData({json.dumps(workflow)}).then(() => app.queuePrompt(0, 1)).then(() => true)")
+        await page.wait_for("Boolean(window.app && window.app.graph && window.app.graph._nodes)", 60,
+                            "the ComfyUI page")
+        await page.evaluate(f"app.loadGraphData({json.dumps(workflow)})"
+                            ".then(() => app.queuePrompt(0, 1)).then(() => true)")
         await page.wait_for(f"Boolean({FIND_NODE}?.fairAuditReport)", 300, "the Bias Audit node's execution")
         box = await page.evaluate(f"""(() => {{
             const node = {FIND_NODE};

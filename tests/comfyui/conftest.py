@@ -83,7 +83,8 @@ def workspace(tmp_path_factory, sd15_checkpoint) -> Path:
     # tensor (not through fair_core), for ComfyUI's own `embedding:` loader.
     bundled = {k: v for k, v in load_file(str(good)).items() if k.startswith(f"bundle_emb.{TOKEN}.")}
     assert len(bundled) == 1, bundled.keys()
-    save_file({"clip_l": next(iter(bundled.values())).contiguous()}, str(models / "embeddings" / f"{TOKEN}.safetensors"))
+    embedding = {"clip_l": next(iter(bundled.values())).contiguous()}
+    save_file(embedding, str(models / "embeddings" / f"{TOKEN}.safetensors"))
     write_pretrained(models / "attribute_classifiers")
     (models / "attribute_classifiers" / "broken.onnx").write_bytes(b"\x08\x07 this is not an onnx model")
     (root / "input").mkdir()

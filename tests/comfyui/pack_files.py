@@ -31,7 +31,8 @@ def sd15_adaptor(rank: int = 4, alpha: float = 2.0, vectors: int = 3, seed: int 
     parts = random_parts("sd15", device="meta")
     generator = torch.Generator().manual_seed(seed)
     lora = {}
-    for family, model, targets in (("unet", parts.unet, UNET_TARGETS), ("te", parts.text_encoder, TEXT_ENCODER_TARGETS)):
+    families = (("unet", parts.unet, UNET_TARGETS), ("te", parts.text_encoder, TEXT_ENCODER_TARGETS))
+    for family, model, targets in families:
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
                 down = torch.randn(rank, module.in_features, generator=generator) * 0.05
@@ -45,7 +46,8 @@ def sd15_adaptor(rank: int = 4, alpha: float = 2.0, vectors: int = 3, seed: int 
 def sdxl_adaptor() -> FairAdaptor:
     """A small adaptor that says it is for SDXL (two text-encoder modules): the base check's counter-example."""
     lora = {lora_prefix(family, "text_model.encoder.layers.0.self_attn.q_proj"):
-            LoraWeights(torch.zeros(2, width), torch.zeros(width, 2), 2.0) for family, width in (("te1", 768), ("te2", 1280))}
+            LoraWeights(torch.zeros(2, width), torch.zeros(width, 2), 2.0)
+            for family, width in (("te1", 768), ("te2", 1280))}
     metadata = FairMetadata(base_model="sdxl", name="xl_fair", target=TargetDistribution.parse("gender=uniform"))
     return FairAdaptor(metadata=metadata, lora=lora)
 

@@ -76,7 +76,8 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
                    enumerate(zip(info["output"], info.get("output_name", info["output"])))]
         row = rows.get(depth[node_id], 0)
         rows[depth[node_id]] = row + 1
-        nodes.append({"id": int(node_id), "type": item["class_type"], "pos": [40 + 340 * depth[node_id], 40 + 260 * row],
+        position = [40 + 340 * depth[node_id], 40 + 260 * row]
+        nodes.append({"id": int(node_id), "type": item["class_type"], "pos": position,
                       "size": [320, 220], "flags": {}, "order": order, "mode": 0, "inputs": slots, "outputs": outputs,
                       "properties": {"Node name for S&R": item["class_type"]}, "widgets_values": widgets})
     for link in links:  # the UI format names the target slot by its index among the node's link slots

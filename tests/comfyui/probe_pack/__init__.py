@@ -46,7 +46,8 @@ class FairProbePatchedWeights:
         return {"required": {"model_a": ("MODEL",), "model_b": ("MODEL",), "clip_a": ("CLIP",), "clip_b": ("CLIP",)}}
 
     def probe(self, model_a, model_b, clip_a, clip_b):
-        report = {"model": _compare_patchers(model_a, model_b), "clip": _compare_patchers(clip_a.patcher, clip_b.patcher)}
+        report = {"model": _compare_patchers(model_a, model_b),
+                  "clip": _compare_patchers(clip_a.patcher, clip_b.patcher)}
         return {"ui": {"fair_probe": [report]}, "result": ()}
 
 
