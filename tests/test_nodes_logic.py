@@ -108,9 +108,6 @@ def test_splice_refuses_vectors_for_other_encoders_and_missing_placeholders():
     assert splice_soft_tokens({"l": plain}, {}) == {"l": plain}  # an adaptor without tokens changes nothing
 
 
-@pytest.mark.xfail(reason="read_adaptor's soft-token order can differ from the writer's / fair.tokens order "
-                          "(seen 2026-12-04, reported to the lead); matters for adaptors with several tokens",
-                   strict=False)
 def test_the_vectors_a_node_splices_are_the_files_tokens_in_file_order(tmp_path):
     first, second = torch.randn(2, 768), torch.randn(1, 768)
     adaptor = FairAdaptor(FairMetadata(base_model="sd15", name="t"),
