@@ -152,3 +152,21 @@ def test_tokens_come_back_in_the_order_they_were_written(tmp_path):
     assert prompt_words(read_back) == "zeta alpha mid"
     assert torch.equal(soft_token_vectors(read_back)["clip_l"], torch.cat([t.vectors["te"] for t in tokens]))
     assert [t.name for t in read_adaptor_header(tmp_path / "order.safetensors").tokens] == names
+
+
+@pytest.mark.parametrize("length", [1152, 1408])
+def test_a_header_whose_length_bytes_look_like_a_pickle_mark_still_reads(tmp_path, length):
+    """Header lengths 640, 896, 1152 and 1408 start with b"\\x80\\x02".."\\x80\\x05", the first bytes of a pickle (a
+    valid SDXL adaptor hit this); this adaptor's smallest header is over 896 bytes."""
+    adaptor = _adaptor("sd15", {})
+    adaptor.metadata.date = "2026-12-04T00:00:00+00:00"  # a fixed date: the header length depends only on the pad
+    path = tmp_path / "pad.safetensors"
+
+    def header_length(pad: int) -> int:
+        adaptor.metadata.extra = {"pad": "x" * pad}
+        return int.from_bytes(save_adaptor(adaptor, path).read_bytes()[:8], "little")
+
+    guess = length - header_length(0)
+    pad = next(p for p in range(max(0, guess - 8), guess + 8) if header_length(p) == length)
+    assert path.read_bytes()[:2] == length.to_bytes(8, "little")[:2] and path.read_bytes()[0] == 0x80
+    assert read_adaptor(path).metadata.extra["pad"] == "x" * pad

@@ -186,7 +186,11 @@ def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[It
     if size < HEADER_LENGTH_BYTES:
         raise AdaptorError(f"{name}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
     start = file.read(HEADER_LENGTH_BYTES)
-    if start.startswith(_PICKLE_STARTS):
+    opens_json = file.read(1) == b"{"
+    file.seek(HEADER_LENGTH_BYTES)
+    # A header of 640, 896, 1152 or 1408 bytes begins with the bytes of a pickle's protocol mark (b"\x80\x05" is
+    # length 1408): a safetensors header is told apart by the "{" that opens its JSON.
+    if start.startswith(_PICKLE_STARTS) and not opens_json:
         raise AdaptorError(
             f"{name}: not a safetensors file but a torch checkpoint (pickle), which is never unpickled here; "
             "convert the paper's .pth files with `fair adaptor convert-paper`"
