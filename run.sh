@@ -14,8 +14,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.fair-installed"
-if [ ! -f "$stamp" ] || [ "$ROOT/requirements.txt" -nt "$stamp" ] || [ "$ROOT/requirements-dev.txt" -nt "$stamp" ] \
-   || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$ROOT/requirements.txt" -nt "$stamp" ] || [ "$ROOT/requirements-train.txt" -nt "$stamp" ] \
+   || [ "$ROOT/requirements-dev.txt" -nt "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   echo "[run.sh] installing dependencies into .venv (first run takes a minute or two)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: 2.13.0 is the CPU build on these machines; any other version pulls a CUDA build.

@@ -2,7 +2,7 @@
 
 * :func:`ensure_venv` builds ComfyUI's own venv once (the ``comfyui==0.0.1`` wheel, a 2024 packaging of ComfyUI by
   the hiddenswitch fork, installed ``--no-deps``, with ``torch==2.13.0`` CPU, ``transformers<5``, the modules its
-  imports need, and ``requirements-nodes.txt``), pinned by ``constraints.txt`` and cached under
+  imports need, and ``requirements.txt``), pinned by ``constraints.txt`` and cached under
   ``<repo>/.cache/comfyui-venv-<hash of the requirement lists>``.
 * **torchvision is an import-only stand-in** (``stand_ins/torchvision``, put on the server's ``PYTHONPATH``):
   ``comfy/sd.py`` imports torchvision unconditionally, only Stable Cascade's modules use it, and the package
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CACHE = Path(os.environ.get("FAIR_COMFYUI_CACHE", REPO / ".cache"))
 CONSTRAINTS = HERE / "constraints.txt"
-NODE_REQUIREMENTS = REPO / "requirements-nodes.txt"
+NODE_REQUIREMENTS = REPO / "requirements.txt"
 STAND_INS = HERE / "stand_ins"
 PYTHON = os.environ.get("FAIR_COMFYUI_PYTHON") or shutil.which("python3.11") or sys.executable  # the wheel: < 3.13
 
