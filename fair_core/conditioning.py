@@ -3,6 +3,13 @@
 The unconditional prompt is ``""`` encoded by the same (LoRA-modified) text encoder(s), as in the
 paper's training and as ComfyUI does; soft tokens go into the conditional prompts only (Shen et al.
 2024, pitfall 9). SDXL's "zeros for an empty negative prompt" shortcut is not used.
+
+Two tokenisations (:data:`PROMPT_ENCODINGS`, docs/differences-from-paper.md):
+
+* ``host``: every prompt and ``""`` padded to the tokenizer's 77 tokens, no attention mask, as
+  diffusers, ComfyUI and A1111 encode them when an adaptor is used;
+* ``paper``: the official code's (``tokenizer(prompts, padding=True)`` and ``""`` padded to the same
+  length ``L``, both with their attention masks): a short context of ``L`` = the longest prompt's tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from transformers import CLIPTokenizer
 
 from fair_core.models import DiffusionParts
 from fair_core.soft_prompt import SoftPrompt
+
+PROMPT_ENCODINGS = ("host", "paper")
 
 
 @dataclass
@@ -66,6 +75,7 @@ def encode_prompts(
     image_size: tuple[int, int] | None = None,
     *,
     with_soft_prompt: bool = True,
+    encoding: str = "host",
 ) -> Conditioning:
     """Encode ``prompts`` and ``""`` with ``parts``' text encoder(s); SDXL when ``parts.text_encoder_2`` is set.
 
@@ -74,12 +84,16 @@ def encode_prompts(
         image_size: SDXL only: (height, width) in pixels for ``time_ids``; default ``parts.image_size``.
         with_soft_prompt: put ``parts.soft_prompt`` (K tokens, if set) right after BOS of every conditional
             prompt; False encodes as the base model does.
+        encoding: ``host`` (77 tokens, unmasked) or ``paper`` (``L`` tokens, padding masked); see the module
+            docstring. ``cond`` and ``uncond`` are ``(N, 77, D)`` or ``(N, L, D)``.
 
     Gradients flow to LoRA parameters of the text encoders and to ``parts.soft_prompt``; wrap the call in
     ``torch.no_grad()`` where none are needed.
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
+    if encoding not in PROMPT_ENCODINGS:
+        raise ValueError(f"prompt encoding must be one of {PROMPT_ENCODINGS}, got {encoding!r}")
     encoders, tokenizers = parts.text_encoders, parts.tokenizers
     prefixes = _soft_prompt_prefixes(parts.soft_prompt if with_soft_prompt else None, encoders)
     sdxl = parts.text_encoder_2 is not None
@@ -87,8 +101,13 @@ def encode_prompts(
 
     cond, uncond = [], []
     for encoder, tokenizer, prefix in zip(encoders, tokenizers, prefixes):
-        cond.append(_encode(encoder, tokenizer, list(prompts), prefix, penultimate=sdxl))
-        uncond.append(_encode(encoder, tokenizer, [""], None, penultimate=sdxl))
+        ids, mask = tokenize(tokenizer, list(prompts), 0 if prefix is None else prefix.shape[0],
+                             None if encoding == "paper" else tokenizer.model_max_length)
+        empty_ids, empty_mask = tokenize(tokenizer, [""], 0, ids.shape[1])
+        if encoding == "host":
+            mask = empty_mask = None
+        cond.append(_encode(encoder, ids, mask, prefix, penultimate=sdxl))
+        uncond.append(_encode(encoder, empty_ids, empty_mask, None, penultimate=sdxl))
     cond_states = torch.cat([hidden for hidden, _ in cond], dim=-1)
     uncond_states = torch.cat([hidden for hidden, _ in uncond], dim=-1).expand(n, -1, -1)
     if not sdxl:
@@ -115,29 +134,40 @@ def _soft_prompt_prefixes(soft_prompt: SoftPrompt | None, encoders: list[torch.n
 
 
 def _encode(
-    encoder: torch.nn.Module, tokenizer: CLIPTokenizer, prompts: list[str], prefix: torch.Tensor | None, penultimate: bool
+    encoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, prefix: torch.Tensor | None, penultimate: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states (N, L, D), projected pooled output (N, P) or None) of one text encoder."""
-    ids = _token_ids(tokenizer, prompts, 0 if prefix is None else prefix.shape[0]).to(encoder.device)
+    """(hidden states (N, L, D), projected pooled output (N, P) or None) of one text encoder on token ids
+    ``(N, L)`` with an optional attention mask ``(N, L)``."""
     with _prefix_injected(encoder, prefix) if prefix is not None else nullcontext():
-        out = encoder(ids, output_hidden_states=penultimate)
+        out = encoder(ids.to(encoder.device), attention_mask=None if mask is None else mask.to(encoder.device),
+                      output_hidden_states=penultimate)
     hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
     return hidden, getattr(out, "text_embeds", None)
 
 
-def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str], num_prefix: int = 0) -> torch.Tensor:
-    """``(N, L)`` padded token ids, with ``num_prefix`` placeholder slots right after BOS (L = 77 for CLIP).
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], num_prefix: int = 0,
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, both ``(N, L)``, with ``num_prefix`` placeholder slots right after BOS.
 
-    The placeholders hold the BOS id: any id works because their embeddings are replaced, and BOS keeps
-    CLIP's pooling on the first EOS (or on the largest id, for configs with the legacy ``eos_token_id=2``).
+    Args:
+        length: ``L``, padding included (77 for the host encoding); ``None``: the longest prompt's tokens
+            (``padding=True``, the paper's). Prompts are truncated to the tokenizer's 77 either way.
+
+    The placeholders hold the BOS id with mask 1: any id works because their embeddings are replaced, and
+    BOS keeps CLIP's pooling on the first EOS (or on the largest id, for configs with the legacy
+    ``eos_token_id=2``).
     """
-    length = tokenizer.model_max_length
-    if not 0 <= num_prefix <= length - 2:
-        raise ValueError(f"{num_prefix} soft tokens do not fit in {length} tokens with BOS and EOS")
-    ids = tokenizer(prompts, padding="max_length", max_length=length - num_prefix, truncation=True,
-                    return_tensors="pt").input_ids
+    limit = tokenizer.model_max_length
+    if not 0 <= num_prefix <= limit - 2:
+        raise ValueError(f"{num_prefix} soft tokens do not fit in {limit} tokens with BOS and EOS")
+    padding = "longest" if length is None else "max_length"
+    tokens = tokenizer(prompts, padding=padding, max_length=(limit if length is None else length) - num_prefix,
+                       truncation=True, return_tensors="pt")
+    ids, mask = tokens.input_ids, tokens.attention_mask
     placeholders = torch.full((len(prompts), num_prefix), tokenizer.bos_token_id, dtype=ids.dtype)
-    return torch.cat([ids[:, :1], placeholders, ids[:, 1:]], dim=1)
+    ids = torch.cat([ids[:, :1], placeholders, ids[:, 1:]], dim=1)
+    mask = torch.cat([mask[:, :1], torch.ones_like(placeholders, dtype=mask.dtype), mask[:, 1:]], dim=1)
+    return ids, mask
 
 
 @contextmanager

@@ -210,7 +210,8 @@ class FairTrainer:
         results = []
         for rows in self._micro_batch_rows(noise.shape[0]):
             chunk = noise[rows]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], with_soft_prompt=with_soft_prompt)
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], with_soft_prompt=with_soft_prompt,
+                                          encoding=self.config.prompt_encoding)
             results.append(sampler(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,

@@ -248,3 +248,41 @@ def test_lora_errors(sd15):
         add_unet_lora(sd15.unet, rank=4, alpha=0)
     with pytest.raises(ValueError, match="not found"):
         add_text_encoder_lora(sd15.text_encoder, rank=4, target_modules=("to_q",))
+
+
+# ---------------------------------------------------------------- the paper's tokenisation
+
+OCCUPATIONS = ["A photo of the face of a senator, a person", "A photo of the face of a cardiologist, a person"]
+
+
+@pytest.mark.parametrize("prompts", [OCCUPATIONS[:1] * 3, OCCUPATIONS, ["a nurse", "a photo of a doctor"]])
+def test_paper_encoding_is_the_official_short_context_with_a_masked_empty_prompt(sd15, prompts):
+    """The official generate_image_*: tokenizer(prompts, padding=True) and "" padded to that length, both
+    passed with their attention masks."""
+    tokenizer, encoder = sd15.tokenizer, sd15.text_encoder
+    official = tokenizer(prompts, return_tensors="pt", padding=True)
+    length = official.input_ids.shape[1]
+    empty = tokenizer([""] * len(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    assert length == max(len(tokenizer(p).input_ids) for p in prompts) < 77
+    assert empty.attention_mask[0].tolist() == [1, 1] + [0] * (length - 2)  # BOS, EOS, then masked padding
+    with torch.no_grad():
+        want = encoder(official.input_ids, official.attention_mask)[0]
+        want_empty = encoder(empty.input_ids, empty.attention_mask)[0]
+        c = encode_prompts(sd15, prompts, encoding="paper")
+    assert c.cond.shape == c.uncond.shape == (len(prompts), length, 32)
+    torch.testing.assert_close(c.cond, want)
+    torch.testing.assert_close(c.uncond, want_empty)
+    host = encode_prompts(sd15, prompts)
+    assert host.cond.shape[1] == 77 and not torch.allclose(host.uncond[:, :length], c.uncond)
+    assert encode_prompts(sd15, PROMPTS, encoding="paper").cond.shape[1] == 77  # longer prompts are truncated
+
+
+def test_paper_encoding_keeps_soft_tokens_in_the_short_context(sd15):
+    soft = SoftPrompt.initialise(sd15, 3, seed=0)
+    parts = carrying(sd15, soft)
+    c = encode_prompts(parts, OCCUPATIONS[:1], encoding="paper")
+    plain = encode_prompts(parts, OCCUPATIONS[:1], encoding="paper", with_soft_prompt=False)
+    assert c.cond.shape[1] == plain.cond.shape[1] + 3 == c.uncond.shape[1]
+    torch.testing.assert_close(c.uncond[:, : plain.uncond.shape[1]][:, :2], plain.uncond[:, :2])  # BOS, EOS: causal
+    with pytest.raises(ValueError, match="prompt encoding"):
+        encode_prompts(sd15, OCCUPATIONS, encoding="comfy")

@@ -260,3 +260,16 @@ def test_assignment_defaults_are_the_papers_except_in_the_toy_world():
     assert assignment_settings(TrainConfig(model="sd15.safetensors")) == ("auto", 200)
     assert assignment_settings(TrainConfig(model="toy")) == ("sampled", 100)
     assert assignment_settings(TrainConfig(model="toy", assignment="exact", assignment_samples=7)) == ("exact", 7)
+
+
+def test_training_uses_the_configured_prompt_encoding(tmp_path, monkeypatch):
+    import fair_core.trainer as trainer_module
+
+    seen = []
+    original = trainer_module.encode_prompts
+    monkeypatch.setattr(trainer_module, "encode_prompts", lambda *a, **k: seen.append(k["encoding"]) or original(*a, **k))
+    for encoding in ("host", "paper"):
+        record = make_trainer(str(tmp_path / encoding), 1, prompt_encoding=encoding).train_iteration(0)
+        assert not record["skipped"]
+        assert set(seen) == {encoding}
+        seen.clear()
