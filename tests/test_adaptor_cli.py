@@ -221,11 +221,11 @@ def test_convert_paper_never_overwrites_its_input(alias, tmp_path, capsys, monke
 
 def test_inspect_notes_a_missing_hash_and_verifies_a_present_one(adaptor_files, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "inspect", adaptor_files / "sd15.safetensors")
-    assert code == 0 and "content hash: sha256 " in out and "(tensor data verified)" in out
+    assert code == 0 and "checksum:    sha256 " in out and "(sshs_model_hash; tensor data verified)" in out
     save_file(lora_tensors(), str(tmp_path / "plain.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
     code, out, err = run_cli(capsys, "inspect", tmp_path / "plain.safetensors")
     assert code == 0 and err == ""
-    assert "content hash: none (note: written without sshs_model_hash" in out
+    assert "checksum:    none (note: written without sshs_model_hash" in out
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float64])

@@ -137,9 +137,9 @@ def _describe(path: Path, adaptor: FairAdaptor, summary: dict) -> str:
     classifier = metadata.classifier
     classifier_text = f"{classifier['name']} (sha256 {classifier['sha256'][:12]})" if classifier else ""
     content_hash = summary["content_hash"]
-    hash_text = f"sha256 {content_hash['sha256'][:12]}... (tensor data verified)" if content_hash["verified"] else (
-        _NO_HASH_NOTE
-    )
+    hash_text = _NO_HASH_NOTE
+    if content_hash["verified"]:
+        hash_text = f"sha256 {content_hash['sha256'][:12]}... ({HASH_KEY}; tensor data verified)"
     lines = [
         f"file:        {shown_path(path)}",
         f"name:        {escape(metadata.name) or '-'}",
@@ -150,7 +150,7 @@ def _describe(path: Path, adaptor: FairAdaptor, summary: dict) -> str:
         f"attributes:  {escape(attributes) or '-'}",
         f"target:      {escape(target) or '-'}",
         f"classifier:  {escape(classifier_text) or '-'}",
-        f"content hash: {escape(hash_text)}",
+        f"checksum:    {escape(hash_text)}",
         "metadata:",
     ]
     for key, value in sorted(adaptor.header.items()):
