@@ -395,6 +395,10 @@ def huge_and_odd(make: Maker, rng: random.Random) -> None:
     make.add("empty header object", join({}, b""), code=2)
     make.add("only metadata", join({"__metadata__": {"a": "b"}}, b""), code=2)
     make.add("a pickle", pickle_bytes(make), code=2, message="not a safetensors file but a torch checkpoint")
+    bare = json.dumps({k: v for k, v in make.header.items() if k != "__metadata__"}).encode()
+    assert len(bare) <= 1408
+    padded = bare + b" " * (1408 - len(bare))  # its length field begins b"\x80\x05", a pickle's protocol mark
+    make.add("a header of 1408 bytes", (1408).to_bytes(8, "little") + padded + make.data, code=0)
     make.add("deep JSON", (20_008).to_bytes(8, "little") + b"[" * 10_000 + b"]" * 10_000 + b" " * 8, code=2)
     for index in range(40):
         length = rng.choice((1, 9, 64, 500, 4000))
