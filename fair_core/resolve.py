@@ -20,6 +20,8 @@ TOY = "toy"
 PRETRAINED = "pretrained:"
 """``pretrained:gender,age``: the offline CC0 dlib gender/age networks (``fair classifier pretrained``)."""
 PRETRAINED_CLASSIFIERS = ("gender", "age")
+PRETRAINED_CHOICES = (f"{PRETRAINED}gender,age", f"{PRETRAINED}gender", f"{PRETRAINED}age")
+"""What the hosts' classifier dropdowns offer before the files of their classifier folder."""
 
 
 @dataclass

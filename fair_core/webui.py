@@ -37,7 +37,8 @@ from fair_core.adaptor.reader import read_adaptor
 from fair_core.adaptor.writer import save_adaptor
 from fair_core.audit import AuditResult
 from fair_core.midblock import BypassSchedule, blend, row_weights
-from fair_core.resolve import PRETRAINED, TOY, resolve_audit_scorer, resolve_target
+from fair_core.host_helpers import resolve_in_folders
+from fair_core.resolve import PRETRAINED, PRETRAINED_CHOICES, TOY, resolve_audit_scorer, resolve_target
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import Attribute, TargetDistribution
 
@@ -67,7 +68,6 @@ FORGE_MAX_UNMATCHED_KEYS = 12
 """Forge's ``load_lora_for_models`` drops a whole LoRA with more unmatched keys than this."""
 _NETWORK_KEY_UNSAFE = re.compile(r"[:<>,]")
 CLASSIFIER_SUFFIXES = (".onnx", ".safetensors")
-PRETRAINED_CHOICES = (f"{PRETRAINED}gender,age", f"{PRETRAINED}gender", f"{PRETRAINED}age")
 
 
 @dataclass(frozen=True)
@@ -284,10 +284,10 @@ def classifier_choices(folder: str | Path) -> list[str]:
 
 def classifier_spec(choice: str, folder: str | Path) -> str:
     """What :func:`fair_core.resolve.resolve_audit_scorer` takes for a settings choice: ``pretrained:...`` and
-    ``toy`` as they are, a file name under ``folder`` as its path."""
+    ``toy`` as they are, a file name as its path inside ``folder`` (never outside it)."""
     if choice.startswith(PRETRAINED) or choice == TOY:
         return choice
-    return str(Path(folder) / choice)
+    return str(resolve_in_folders(choice, [folder], "classifier"))
 
 
 def audit_scorer(spec: str) -> AttributeScorer:

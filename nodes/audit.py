@@ -9,9 +9,9 @@ from fair_core.audit import audit_images
 from fair_core.host_helpers import draw_boxes
 from fair_core.images import from_bhwc01
 from fair_core.plots import audit_chart
-from fair_core.resolve import resolve_audit_scorer, resolve_target
+from fair_core.resolve import PRETRAINED_CHOICES, resolve_audit_scorer, resolve_target
 
-from .folders import PRETRAINED, classifier_names, classifier_spec
+from .folders import classifier_names, classifier_spec
 
 
 class LoadAttributeClassifier:
@@ -25,7 +25,7 @@ class LoadAttributeClassifier:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"classifier": (classifier_names(), {"default": PRETRAINED[0]}),
+        return {"required": {"classifier": (classifier_names(), {"default": PRETRAINED_CHOICES[0]}),
                              "device": (["auto", "cpu", "cuda"],)}}
 
     @classmethod

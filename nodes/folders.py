@@ -17,11 +17,11 @@ from pathlib import Path
 
 from fair_core.adaptor import list_adaptors
 from fair_core.host_helpers import resolve_in_folders
+from fair_core.resolve import PRETRAINED_CHOICES
 
 ADAPTORS = "fair_adaptors"
 CLASSIFIERS = "attribute_classifiers"
 EXTENSIONS = {ADAPTORS: {".safetensors"}, CLASSIFIERS: {".onnx", ".safetensors"}}
-PRETRAINED = ("pretrained:gender,age", "pretrained:gender", "pretrained:age")
 
 
 def register_folders() -> None:
@@ -59,13 +59,13 @@ def adaptor_path(name: str) -> Path:
 def classifier_names() -> list[str]:
     import folder_paths
 
-    return list(PRETRAINED) + folder_paths.get_filename_list(CLASSIFIERS)
+    return list(PRETRAINED_CHOICES) + folder_paths.get_filename_list(CLASSIFIERS)
 
 
 def classifier_spec(name: str) -> str:
     """What :func:`fair_core.resolve.resolve_audit_scorer` takes for a dropdown name."""
     import folder_paths
 
-    if name in PRETRAINED:
+    if name in PRETRAINED_CHOICES:
         return name
     return str(resolve_in_folders(name, folder_paths.get_folder_paths(CLASSIFIERS), "classifier"))

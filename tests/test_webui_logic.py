@@ -222,6 +222,9 @@ def test_classifier_choices_and_specs(tmp_path):
     assert webui.classifier_spec("pretrained:gender", tmp_path) == "pretrained:gender"
     assert webui.classifier_spec("toy", tmp_path) == "toy"
     assert webui.classifier_spec("sub/age.safetensors", tmp_path) == str(tmp_path / "sub" / "age.safetensors")
+    (tmp_path.parent / "outside.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="outside the model folders"):  # a settings value never leaves the folder
+        webui.classifier_spec("../outside.onnx", tmp_path)
 
 
 # ----------------------------------------------------------------------------- mid-block bypass
