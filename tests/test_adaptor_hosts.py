@@ -170,3 +170,14 @@ def test_a_header_whose_length_bytes_look_like_a_pickle_mark_still_reads(tmp_pat
     pad = next(p for p in range(max(0, guess - 8), guess + 8) if header_length(p) == length)
     assert path.read_bytes()[:2] == length.to_bytes(8, "little")[:2] and path.read_bytes()[0] == 0x80
     assert read_adaptor(path).metadata.extra["pad"] == "x" * pad
+
+
+def test_header_listing_names_what_a_path_is_and_refuses_keys_with_a_newline(tmp_path):
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(AdaptorError, match="directory"):
+        read_adaptor_header(tmp_path / "folder.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.alpha\n": torch.ones(())}, str(tmp_path / "newline.safetensors"))
+    with pytest.raises(AdaptorError, match="unknown key"):
+        read_adaptor_header(tmp_path / "newline.safetensors")

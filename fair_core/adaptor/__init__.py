@@ -7,6 +7,7 @@ Pieces, each with one job:
 * :mod:`~fair_core.adaptor.metadata`: :class:`FairMetadata` <-> header strings (``ss_*``, ``modelspec.*``, ``fair.*``).
 * :mod:`~fair_core.adaptor.container`: :class:`FairAdaptor`, :class:`LoraWeights`, :class:`SoftTokens`.
 * :mod:`~fair_core.adaptor.validate`: the checks every read and write passes.
+* :mod:`~fair_core.adaptor.checksum`: kohya's ``sshs_model_hash`` of the tensor bytes, written and verified.
 * :mod:`~fair_core.adaptor.writer` / :mod:`~fair_core.adaptor.reader`: peft models -> file -> :class:`FairAdaptor`.
 * :mod:`~fair_core.adaptor.applier`: :class:`FairAdaptor` -> peft LoRA on fresh models, merged weights, soft tokens.
 * :mod:`~fair_core.adaptor.hosts`: what ComfyUI/A1111/Forge need: header-only listing, LoRA-only tensors, token

@@ -26,6 +26,7 @@ from fair_core.adaptor.container import FairAdaptor
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata, token_order
 from fair_core.adaptor.naming import FAMILIES, LORA_PARTS, lora_key, parse_lora_key, parse_token_key, token_key
+from fair_core.adaptor.reader import regular_file_size
 from fair_core.targets import Attribute, TargetDistribution
 
 TOKEN_PLACEMENT = "right after BOS of the positive prompt only; the negative/unconditional prompt gets none"
@@ -87,8 +88,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     lists. Raises :class:`AdaptorError` naming the problem for anything that is not a safetensors header.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AdaptorError(f"{path}: no such file")
+    regular_file_size(path)  # missing, a directory, a FIFO, a link loop: each said as such
     with path.open("rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:

@@ -33,6 +33,7 @@ LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 TOKEN_PARTS = {"te": "string_to_param.*", "te1": "clip_l", "te2": "clip_g"}
 
 _TEXT_MODEL = "text_model."
+# fullmatch, not match with "$": "$" also matches before a trailing newline ("key\n" would pass)
 _LORA_KEY = re.compile(r"^(lora_(unet|te1|te2|te)_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _TOKEN_KEY = re.compile(r"^bundle_emb\.([\w<>\-]+)\.(string_to_param\.\*|clip_l|clip_g)$")
 _TOKEN_NAME = re.compile(r"^[\w<>\-]+$")
@@ -75,7 +76,7 @@ def prefixes_of_modules(family: str, module_names: Iterable[str]) -> dict[str, s
 
 def family_of_prefix(prefix: str) -> str:
     """``unet``/``te``/``te1``/``te2`` of a LoRA prefix such as ``lora_te1_text_model_...``."""
-    match = _LORA_KEY.match(prefix + ".alpha")
+    match = _LORA_KEY.fullmatch(prefix + ".alpha")
     if match is None:
         raise AdaptorError(f"not a LoRA prefix: {prefix!r}")
     return match.group(2)
@@ -87,7 +88,7 @@ def lora_key(prefix: str, part: str) -> str:
 
 def parse_lora_key(key: str) -> LoraKey | None:
     """Split ``lora_unet_x.lora_down.weight`` into prefix, family and part; ``None`` if not a LoRA key."""
-    match = _LORA_KEY.match(key)
+    match = _LORA_KEY.fullmatch(key)
     return LoraKey(match.group(1), match.group(2), match.group(3)) if match else None
 
 
@@ -98,7 +99,7 @@ def token_key(name: str, family: str) -> str:
 
 def parse_token_key(key: str) -> TokenKey | None:
     """Split ``bundle_emb.<name>.clip_l`` into token name and encoder family; ``None`` if not a token key."""
-    match = _TOKEN_KEY.match(key)
+    match = _TOKEN_KEY.fullmatch(key)
     if match is None:
         return None
     family = next(f for f, part in TOKEN_PARTS.items() if part == match.group(2))
@@ -107,7 +108,7 @@ def parse_token_key(key: str) -> TokenKey | None:
 
 def check_token_name(name: str) -> None:
     """Token names become a tensor-key component and a prompt word: letters, digits, ``_``, ``-``, ``<``, ``>``."""
-    if not _TOKEN_NAME.match(name):
+    if not _TOKEN_NAME.fullmatch(name):
         raise AdaptorError(f"invalid soft-token name {name!r}: use letters, digits, '_', '-', '<', '>' only")
 
 

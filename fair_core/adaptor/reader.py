@@ -70,7 +70,7 @@ def read_safetensors(path: str | Path, check_keys: Callable[[Iterable[str]], Non
     adaptor (a multi-GB checkpoint) is refused without loading it. File names need not be UTF-8.
     """
     path = Path(path)
-    size = _regular_file_size(path)
+    size = regular_file_size(path)
     name = escape(path.name)
     try:
         with path.open("rb") as file:
@@ -155,7 +155,7 @@ def _lora_weights(prefix: str, found: dict[str, torch.Tensor]) -> LoraWeights:
     return LoraWeights(down, up, alpha=float(alpha.float().item()))
 
 
-def _regular_file_size(path: Path) -> int:
+def regular_file_size(path: Path) -> int:
     """The size of ``path`` if it is a regular file (after links); otherwise an :class:`AdaptorError` saying what
     it is: missing, a dangling link, a link loop, a directory, a FIFO, a device."""
     shown = shown_path(path)
