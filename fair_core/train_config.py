@@ -64,7 +64,7 @@ class TrainConfig:
     """lambda_img, the weight of the preservation loss against the alignment loss (the paper's 8)."""
     face_region_expand: float = 1.1
     """The preservation gradient is scaled down inside the overlap of the current and the frozen image's
-    face boxes, each grown to a square whose side is ``(1 + this) * `` the longer box side, as the paper's
+    face boxes, each grown to a square whose side is 1 + this times the longer box side, as the paper's
     crop boxes: 1.1 for dlib boxes (the default detector), 0.5 for SCRFD/insightface boxes."""
     face_realism_weight: float = 0.0
     """lambda_face: weight of the face-realism loss, ``1 - cos`` of the face-identity embedding (dlib's
