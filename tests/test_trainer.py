@@ -329,3 +329,31 @@ def test_new_keys_are_listed_by_fair_train_help():
         assert f"  {key} (default:" in text
     with pytest.raises(ValueError, match="face_bank"):
         TrainConfig(face_realism_weight=1.0)
+
+
+def test_face_realism_targets_the_own_face_only_where_nothing_changes_confidently(tmp_path):
+    """Shen et al. §4.2: own face where every target keeps the frozen image's confident class, else the bank;
+    one attribute: only faces with a target (exp-1); several: every face (exp-3 on)."""
+    from fair_core.face_identity import FaceEmbeddings
+    from fair_core.trainer import PreservationReference
+
+    class Recording:
+        def __call__(self, images, own, use_own):
+            self.use_own = use_own
+            return torch.ones(images.shape[0]), torch.tensor([True, True, True, True, False])
+
+    trainer = make_trainer(str(tmp_path), 1)
+    trainer.face_realism = Recording()
+    trainer.config.face_own_confidence = 0.9
+    faces = FaceEmbeddings(torch.zeros(5, 8), torch.tensor([True, True, True, False, True]))
+    reference = PreservationReference([], torch.tensor([[0], [0], [0], [0], [0]]), torch.zeros(5, 0), None,
+                                      torch.tensor([[0.95], [0.95], [0.5], [0.95], [0.95]]), faces)
+    loss = trainer._face_realism(torch.zeros(5, 3, 8, 8), torch.tensor([[0], [1], [0], [0], [-1]]), reference)
+    # own face: kept and sure | class changes | unsure | the frozen image has no face | no target
+    assert trainer.face_realism.use_own.tolist() == [True, False, False, False, False]
+    assert loss.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+    joint = PreservationReference([], torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, 0), None, torch.ones(5, 2), faces)
+    loss = trainer._face_realism(torch.zeros(5, 3, 8, 8), torch.tensor([[0, 0], [0, 1], [-1, 0], [0, 0], [-1, -1]]), joint)
+    assert trainer.face_realism.use_own.tolist() == [True, False, False, False, False]
+    assert loss.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # every face found now, with or without a target
