@@ -42,6 +42,7 @@ from fair_core.targets import TargetDistribution
 NO_TARGET = -1
 ASSIGNMENT_METHODS = ("auto", "exact", "sampled")
 MAX_ENUMERATED_COUNTS = 20_000  # count vectors solved by "auto" before it samples (race at N = 32: 6,545)
+MAX_EXACT_COUNTS = 1_000_000  # "exact" refuses more (gender x race at N = 32: 15 million, hours per iteration)
 _THRESHOLD_TOLERANCE = 1e-9  # summed plan entries are rounded: a marginal of 0.8 summed to 0.7999999999 stays 0.8
 _ROW_SUM_TOLERANCE = 1e-4  # float32 softmax rows sum to 1 only within ~1e-7 * K
 
@@ -201,9 +202,9 @@ def resolve_method(method: str, num_images: int, distribution: np.ndarray) -> st
     """``binary``, ``enumerated`` or ``sampled``: what ``method`` (:data:`ASSIGNMENT_METHODS`) computes for a
     batch of ``num_images`` faces and a target ``distribution`` ``(J,)``.
 
-    ``exact`` always computes the expectation (binary closed form for two classes, else enumeration,
-    however many vectors); ``auto`` does so where two classes or at most :data:`MAX_ENUMERATED_COUNTS`
-    count vectors, and samples otherwise.
+    ``exact`` always computes the expectation (binary closed form for two classes, else enumeration; an
+    error beyond :data:`MAX_EXACT_COUNTS` vectors); ``auto`` does so where two classes or at most
+    :data:`MAX_ENUMERATED_COUNTS` count vectors, and samples otherwise.
     """
     if method not in ASSIGNMENT_METHODS:
         raise ValueError(f"assignment method must be one of {ASSIGNMENT_METHODS}, got {method!r}")
@@ -211,9 +212,11 @@ def resolve_method(method: str, num_images: int, distribution: np.ndarray) -> st
         return "sampled"
     if len(distribution) == 2:
         return "binary"
-    if method == "exact" or num_count_vectors(num_images, distribution) <= MAX_ENUMERATED_COUNTS:
-        return "enumerated"
-    return "sampled"
+    count = num_count_vectors(num_images, distribution)
+    if method == "exact" and count > MAX_EXACT_COUNTS:
+        raise ValueError(f"exact assignment of {num_images} images to {len(distribution)} classes means {count:,} "
+                         f"count vectors per iteration; use assignment 'auto' or 'sampled'")
+    return "enumerated" if method == "exact" or count <= MAX_ENUMERATED_COUNTS else "sampled"
 
 
 def assign_targets(

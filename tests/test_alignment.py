@@ -335,6 +335,8 @@ def test_auto_is_exact_where_cheap_and_samples_otherwise():
     assert resolve_method("sampled", 24, np.full(2, 0.5)) == "sampled"
     with pytest.raises(ValueError, match="assignment method"):
         resolve_method("optimal", 24, np.full(2, 0.5))
+    with pytest.raises(ValueError, match="15,380,937 count vectors"):
+        resolve_method("exact", 32, np.full(8, 0.125))
 
 
 def test_count_vectors_are_all_compositions_with_multinomial_probabilities():
