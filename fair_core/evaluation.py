@@ -44,6 +44,8 @@ class EvalSettings:
     device: str = "cpu"
     grid_images: int = 8
     """Images per prompt kept as thumbnails for the paired grids."""
+    prompt_encoding: str = "host"
+    """How every variant's prompts are tokenised (``host`` or ``paper``, see :func:`choose_prompt_encoding`)."""
 
     def fingerprint(self, identity: dict) -> dict:
         """What cached records depend on: these settings (not batch size, device or grid size) plus
@@ -53,6 +55,24 @@ class EvalSettings:
 
 
 THUMBNAIL_SIZE = 128
+
+
+def choose_prompt_encoding(requested: str, adaptor_paths: Sequence[str | Path]) -> str:
+    """The prompt encoding of an evaluation: ``host`` or ``paper`` as asked, or for ``auto`` the one the adaptors
+    were trained with (their ``training_args``; a converted released checkpoint says ``paper``). Every variant,
+    the base model included, uses it, so the comparison stays paired. Adaptors that disagree need a choice."""
+    if requested != "auto":
+        return requested
+    from fair_core.adaptor import FairMetadata
+    from fair_core.adaptor.hosts import read_safetensors_header
+
+    recorded = {str(path): FairMetadata.from_metadata(read_safetensors_header(path)[1]).prompt_encoding
+                for path in adaptor_paths}
+    if len(set(recorded.values())) > 1:
+        shown = ", ".join(f"{Path(p).name}: {e}" for p, e in recorded.items())
+        raise ValueError(f"the adaptors were trained with different prompt encodings ({shown}); "
+                         "choose one with --prompt-encoding host|paper")
+    return next(iter(recorded.values()), "host")
 
 
 def image_seed(prompt: str, index: int, base_seed: int) -> int:

@@ -66,6 +66,8 @@ class DiffusionParts:
         base: ``"sd15"``, ``"sdxl"``, ``"toy"`` or another name of the base model family (keyword-only, required).
         soft_prompt: soft tokens that every conditional prompt encoded with these parts gets right after BOS (an
             applied adaptor's tokens, or the ones being trained); None for none (keyword-only).
+        prompt_encoding: how prompts are tokenised, ``host`` (77 tokens, as diffusers, ComfyUI and A1111) or
+            ``paper`` (Shen et al.'s short masked context); see :mod:`fair_core.conditioning` (keyword-only).
     """
 
     unet: UNet2DConditionModel
@@ -77,6 +79,7 @@ class DiffusionParts:
     tokenizer_2: CLIPTokenizer | None = None
     base: str = field(kw_only=True)
     soft_prompt: SoftPrompt | None = field(default=None, kw_only=True)
+    prompt_encoding: str = field(default="host", kw_only=True)
 
     @property
     def text_encoders(self) -> list[CLIPTextModel | CLIPTextModelWithProjection]:

@@ -126,6 +126,7 @@ class FairTrainer:
         if not train_prompts:
             raise ValueError("no training prompts")
         self.config, self.parts, self.scorer, self.target = config, parts, scorer, target
+        parts.prompt_encoding = config.prompt_encoding  # training, validation and the frozen reference alike
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
         self.preservation = preservation
         self.extra_losses = list(extra_losses)
@@ -223,8 +224,7 @@ class FairTrainer:
         results = []
         for rows in self._micro_batch_rows(noise.shape[0]):
             chunk = noise[rows]
-            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], with_soft_prompt=with_soft_prompt,
-                                          encoding=self.config.prompt_encoding)
+            conditioning = encode_prompts(self.parts, [prompt] * chunk.shape[0], with_soft_prompt=with_soft_prompt)
             results.append(sampler(
                 self.parts.unet, self.parts.scheduler, chunk, conditioning.cond, conditioning.uncond, steps,
                 self.config.guidance_scale, added_cond=conditioning.added_cond, autocast_dtype=self.autocast_dtype,

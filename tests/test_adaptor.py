@@ -518,6 +518,7 @@ def test_converted_paper_checkpoint_gives_the_same_outputs_as_merging_by_hand(tm
     assert converted.family_counts() == {"unet": 32, "te": 12}
     assert converted.ranks == (RANK,) and converted.alphas == (float(RANK),)
     assert converted.metadata.target.to_json() == TargetDistribution.parse("gender=uniform").to_json()
+    assert converted.metadata.prompt_encoding == "paper"  # so fair eval evaluates it the way it was trained
 
     by_hand, applied, merged = tiny_sd15(), tiny_sd15(), tiny_sd15()
     merge_paper_by_hand(by_hand, text, unet)

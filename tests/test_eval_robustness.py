@@ -74,3 +74,24 @@ def test_files_left_out_of_a_folder_audit_are_counted_and_big_images_shrunk(tmp_
     assert any(n.startswith("1 image(s) resized: a_cat/wide.png") for n in result.notes)  # only the wide one
     ignored = next(n for n in result.notes if n.startswith("3 image(s) not read"))
     assert all(name in ignored for name in ("a_cat/animated.gif", "a_cat/nested", "notes.txt"))
+
+
+def test_fair_eval_uses_the_prompt_encoding_the_adaptors_were_trained_with(tmp_path):
+    import pytest
+    import torch
+
+    from fair_core.adaptor import FairAdaptor, FairMetadata, LoraWeights, save_adaptor
+    from fair_core.evaluation import choose_prompt_encoding
+
+    def adaptor(name, encoding):
+        lora = {"lora_te_text_model_encoder_layers_0_mlp_fc1": LoraWeights(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
+        args = {"prompt_encoding": encoding} if encoding else {}
+        return save_adaptor(FairAdaptor(FairMetadata(base_model="sd15", name=name, training_args=args), lora),
+                            tmp_path / f"{name}.safetensors")
+
+    paper, host, unrecorded = adaptor("paper", "paper"), adaptor("host", "host"), adaptor("old", None)
+    assert choose_prompt_encoding("auto", [paper]) == "paper"  # e.g. a converted released checkpoint
+    assert choose_prompt_encoding("auto", [unrecorded]) == choose_prompt_encoding("auto", []) == "host"
+    assert choose_prompt_encoding("host", [paper]) == "host"
+    with pytest.raises(ValueError, match="different prompt encodings .*paper.safetensors: paper.*--prompt-encoding"):
+        choose_prompt_encoding("auto", [paper, host])

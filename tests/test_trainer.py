@@ -267,7 +267,11 @@ def test_training_uses_the_configured_prompt_encoding(tmp_path, monkeypatch):
 
     seen = []
     original = trainer_module.encode_prompts
-    monkeypatch.setattr(trainer_module, "encode_prompts", lambda *a, **k: seen.append(k["encoding"]) or original(*a, **k))
+    def recording(parts, *args, **kwargs):  # the encoding rides on the parts, so validation images use it too
+        seen.append(kwargs.get("encoding") or parts.prompt_encoding)
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "encode_prompts", recording)
     for encoding in ("host", "paper"):
         record = make_trainer(str(tmp_path / encoding), 1, prompt_encoding=encoding).train_iteration(0)
         assert not record["skipped"]

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grid-images", type=int, default=8, help="images per prompt in the paired grids")
+    parser.add_argument("--prompt-encoding", choices=["auto", "host", "paper"], default="auto",
+                        help="tokenise prompts as the hosts do (77 tokens) or as Shen et al.'s code (short, masked); "
+                             "auto: as the adaptors were trained (host without adaptors)")
     parser.set_defaults(func=_run)
 
 
@@ -38,8 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     from fair_core.audit import score_image_folder
     from fair_core.classifiers.metadata import file_identity
     from fair_core.eval_report import write_paired_grids, write_report
-    from fair_core.evaluation import (EvalSettings, check_cache_settings, generate_and_score, summarise_variants,
-                                      thumbnail_saver, write_csv)
+    from fair_core.evaluation import (EvalSettings, check_cache_settings, choose_prompt_encoding, generate_and_score,
+                                      summarise_variants, thumbnail_saver, write_csv)
     from fair_core.prompts import resolve_prompt_set
     from fair_core.resolve import resolve_model_loader, resolve_scorer, resolve_target
 
@@ -57,15 +60,16 @@ def _run(args: argparse.Namespace) -> int:
     reference = resolve_target(args.reference, resolved.attributes, "--reference") if args.reference else None
     load_parts = resolve_model_loader(args.model, device=args.device) if args.model is not None else None
     settings = EvalSettings(args.images_per_prompt, args.steps, args.guidance, args.seed, args.batch_size, args.device,
-                            args.grid_images)
+                            args.grid_images, choose_prompt_encoding(args.prompt_encoding, args.adaptor))
     out = Path(args.out)
     variants: dict[str, list[dict]] = {}
     notes = [f"classifier: {resolved.identity['classifier']}; seed {args.seed}"]
     if load_parts is not None:
         notes.append(f"model: {args.model}; {len(prompts)} prompts x {args.images_per_prompt} images, "
-                     f"{args.steps} steps, guidance {args.guidance}")
+                     f"{args.steps} steps, guidance {args.guidance}, prompt encoding {settings.prompt_encoding}")
         for adaptor_path in [None, *args.adaptor]:
             parts = load_parts()
+            parts.prompt_encoding = settings.prompt_encoding
             name, identity = "base", {"model": args.model, **resolved.identity}
             if adaptor_path is not None:
                 apply_adaptor_to_parts(read_adaptor(adaptor_path, expected_base=parts.base), parts)

@@ -94,6 +94,13 @@ class FairMetadata:
                 f"classifier metadata must be {{'name': <string>, 'sha256': <string>}}, got {_shown(classifier)}"
             )
 
+    @property
+    def prompt_encoding(self) -> str:
+        """How the adaptor's prompts were tokenised in training (``training_args.prompt_encoding``): ``host`` or
+        ``paper``; ``host`` when not recorded (files written before the option existed, third-party LoRAs)."""
+        value = self.training_args.get("prompt_encoding", "host")
+        return value if value in ("host", "paper") else "host"
+
     def to_metadata(self) -> dict[str, str]:
         """The header keys this metadata owns (everything but :data:`TENSOR_KEYS`, which are never taken from
         :attr:`extra`: they describe tensors that may have changed)."""

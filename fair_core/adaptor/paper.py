@@ -86,7 +86,8 @@ def convert_paper_checkpoints(
         name=name,
         sd_model_name="runwayml/stable-diffusion-v1-5",
         target=target,
-        training_args={"source": "Shen et al. 2024 released checkpoint", "files": [Path(p).name for p in paths]},
+        training_args={"source": "Shen et al. 2024 released checkpoint", "files": [Path(p).name for p in paths],
+                       "prompt_encoding": "paper"},  # the official code's short, masked context
     )
     return FairAdaptor(metadata=metadata, lora=lora, tokens=tokens)
 
