@@ -46,7 +46,7 @@ class TrainConfig:
     confidence_threshold: float = 0.8
     """C: an image gets a target where the OT assignment puts it in one class in at least this fraction of the
     sampled target counts (the paper's 0.8). The counts spread by about sqrt(N)/2 images, so at N = 24 a prompt
-    within ~0.1 of its target share gets no corrective target; 0.6 narrows that dead zone (README, demo)."""
+    within ~0.1 of its target share gets no corrective target; 0.6 narrows that dead zone (docs/toyworld-experiments.md)."""
     assignment: str | None = None
     """How each image's soft target (the mean assignment over target counts) is computed: ``exact`` (closed
     form for two classes, else every count vector weighted by its probability: no sampling noise), ``sampled``
@@ -252,7 +252,7 @@ class TrainConfig:
 
 
 def config_help() -> str:
-    """Every field with its default and description (for ``fair train --help`` and the README)."""
+    """Every field with its default and description (for ``fair train --help``)."""
     import ast
     import inspect
 

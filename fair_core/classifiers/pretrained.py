@@ -11,7 +11,7 @@ input convention (RGB in [-1, 1]) and give logits over our attribute classes:
 
 The torch twin runs the ONNX graph's ops in torch (:mod:`fair_core.classifiers.graph`), so it is
 differentiable for training; the ONNX file is exported from that twin. There is no offline race
-model: train one with ``fair classifier train`` (README).
+model: train one with ``fair classifier train`` (docs/cli-details.md).
 """
 
 from __future__ import annotations
