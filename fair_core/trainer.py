@@ -39,6 +39,7 @@ from fair_core.audit import score_records, summarise_records
 from fair_core.checkpoints import Checkpoint, check_run_folder, read_latest_checkpoint, write_checkpoint
 from fair_core.conditioning import encode_prompts
 from fair_core.dft import SamplingTrace, sample, trace_sampling
+from fair_core.export import export_adaptor, run_metadata
 from fair_core.face_identity import FaceEmbeddings, FaceRealism, load_face_realism
 from fair_core.losses import PreservationLoss, intersect_boxes, preservation_factors, square_boxes
 from fair_core.models import DiffusionParts
@@ -484,32 +485,12 @@ class FairTrainer:
     # ------------------------------------------------------------------ export
     def export(self, before: dict | None, after: dict | None) -> Path:
         """Write the EMA weights as the fair adaptor ``<output_dir>/<output_name>.safetensors``."""
-        from fair_core.adaptor import FairMetadata, SoftTokens, text_encoders_by_family, write_adaptor
-
         self.ema.store(self.parameters)
         self.ema.copy_to(self.parameters)
         try:
-            parts = self.parts
-            encoders = text_encoders_by_family(parts)
-            identity = getattr(self.scorer, "identity", None) or {}
-            metadata = FairMetadata(
-                base_model=parts.base, name=self.config.output_name, sd_model_name=self.config.model,
-                attributes=tuple(self.target.attributes), target=self.target,
-                classifier={"name": str(identity.get("name", type(self.scorer).__name__)), "sha256": str(identity.get("sha256", ""))},
-                training_args=json.loads(self.config.to_json()), eval={"before": before, "after": after},
-                resolution=self.config.resolution,
-            )
-            tokens = []
-            if parts.soft_prompt is not None:
-                vectors = {f: e.detach().cpu().float() for f, e in zip(encoders, parts.soft_prompt.embeddings)}
-                tokens = [SoftTokens(self.config.output_name, vectors)]
-            path = self.output_dir / f"{self.config.output_name}.safetensors"
-            write_adaptor(
-                path, metadata=metadata,
-                unet=parts.unet if "unet" in self.config.trainable else None,
-                text_encoders=encoders if "text_encoder" in self.config.trainable else None,
-                tokens=tokens,
-            )
+            metadata = run_metadata(self.config, self.parts, self.target, self.scorer, before, after)
+            path = export_adaptor(self.output_dir / f"{self.config.output_name}.safetensors", self.config, self.parts,
+                                  metadata)
         finally:
             self.ema.restore(self.parameters)
         return path
