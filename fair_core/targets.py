@@ -239,12 +239,19 @@ class TargetDistribution:
         if path.suffix.lower() in {".yaml", ".yml", ".json"}:
             if not path.is_file():
                 raise TargetError(f"target file not found: {path}")
-            if path.suffix.lower() == ".json":
-                data = json.loads(path.read_text())
-            else:
-                import yaml
+            try:
+                if path.suffix.lower() == ".json":
+                    data = json.loads(path.read_text())
+                else:
+                    import yaml
 
-                data = yaml.safe_load(path.read_text())
+                    data = yaml.safe_load(path.read_text())
+            except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+                raise TargetError(f"{path}: not valid {path.suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
+            except Exception as error:  # yaml.YAMLError, imported lazily
+                if type(error).__module__.split(".")[0] != "yaml":
+                    raise
+                raise TargetError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
             if not isinstance(data, Mapping):
                 raise TargetError(f"{path}: expected a mapping at the top level")
             return cls.from_mapping(data, schema)

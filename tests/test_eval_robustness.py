@@ -95,3 +95,53 @@ def test_fair_eval_uses_the_prompt_encoding_the_adaptors_were_trained_with(tmp_p
     assert choose_prompt_encoding("host", [paper]) == "host"
     with pytest.raises(ValueError, match="different prompt encodings .*paper.safetensors: paper.*--prompt-encoding"):
         choose_prompt_encoding("auto", [paper, host])
+
+
+def test_a_broken_target_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "target.json"
+    bad.write_text("{ not json")
+    assert main(["eval", "--images", str(_noise_folder(tmp_path / "gen")), "--classifier", "toy",
+                 "--target", str(bad), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: --target: {bad}: not valid JSON") and len(error.splitlines()) == 1
+
+
+def test_a_full_disk_at_any_writer_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import fair_core.eval_report
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "report.html"))
+
+    monkeypatch.setattr(fair_core.eval_report, "write_report", full)
+    code = main(["eval", "--images", str(_noise_folder(tmp_path / "gen")), "--classifier", "toy", "--out", str(tmp_path / "o")])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error == f"error: {tmp_path / 'o' / 'report.html'}: No space left on device"
+
+
+def test_an_unwritable_report_folder_is_one_line(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: make the folder a path through a file instead
+        (tmp_path / "plain").write_text("")
+        out = tmp_path / "plain" / "report"
+    else:
+        (tmp_path / "locked").mkdir(mode=0o500)
+        out = tmp_path / "locked" / "report"
+    code = main(["eval", "--images", str(_noise_folder(tmp_path / "gen")), "--classifier", "toy", "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert code in (1, 2) and len(error.splitlines()) == 1 and str(tmp_path) in error and "Traceback" not in error
+
+
+def test_a_decompression_bomb_in_a_folder_is_skipped_and_listed(tmp_path):
+    from fair_core.audit import audit_folder
+    from fair_core.images import MAX_IMAGE_PIXELS
+    from fair_core.resolve import resolve_scorer
+
+    folder = _noise_folder(tmp_path / "gen", ("a_cat",), 2)
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    Image.new("1", (side, side)).save(folder / "a_cat" / "bomb.png")
+    result = audit_folder(folder, resolve_scorer("pretrained:gender").scorer)
+    assert len(result.records) == 2
+    assert "1 image(s) unreadable, skipped: a_cat/bomb.png" in result.notes

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fair_core.terminal import escape
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -89,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         records, report = score_image_folder(folder, resolved.scorer, resolved.input_size, args.batch_size,
                                              args.device, saver)
         for line in report.lines():
-            print(f"[eval] {name}: {line}")
+            print(escape(f"[eval] {name}: {line}"))
         notes += [f"{name}: {line}" for line in report.lines()]
         if not records:
             raise ValueError(f"{folder}: no readable images")
@@ -110,12 +112,12 @@ def _headline(summary: dict) -> str:
     (the distance from uniform), with 95% intervals; variants without faces say so."""
     lines = ["distance to target | bias (mean over prompts, 95% interval):"]
     for variant, s in summary["summaries"].items():
-        overall = s["overall"]
+        overall, variant = s["overall"], escape(variant)  # variant names come from folder and file names
         if not overall["num_faces"]:
             lines.append(f"  {variant:>20}  no faces in {overall['num_images']} images: no bias figures")
             continue
         for group, g in overall["groups"].items():
-            lines.append(f"  {variant:>20}  {group}: {_figure(g['distance'])} | {_figure(g['bias'])}")
+            lines.append(f"  {variant:>20}  {escape(group)}: {_figure(g['distance'])} | {_figure(g['bias'])}")
     return "\n".join(lines)
 
 

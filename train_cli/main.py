@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from fair_core.terminal import escape
 from train_cli import adaptor_cmd, classifier_cmd, demo_cmd, eval_cmd, train_cmd
 
 SUBCOMMANDS = (train_cmd, eval_cmd, demo_cmd, classifier_cmd, adaptor_cmd)
@@ -36,11 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CliError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {escape(str(error))}", file=sys.stderr)  # messages quote names from files: one line each
         return 2
     except OSError as error:  # a full disk, an unwritable or missing folder, a file where a folder should be
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"error: {escape(f'{where}{error.strerror or error}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
