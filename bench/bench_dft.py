@@ -14,14 +14,19 @@ Prints one markdown table row per (mode, steps) for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from fair_core import dft
-from fair_core.tiny import tiny_scheduler, tiny_sd15
+from fair_core.models import sd_dpm_solver
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny models are test fixtures
+from tiny_models import tiny_sd15  # noqa: E402
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
@@ -92,7 +97,7 @@ def main() -> None:
     def loss_fn(x0: torch.Tensor) -> torch.Tensor:
         return (torch.tanh(x0) * weight).mean()
 
-    scheduler = tiny_scheduler()  # SD's DPM-Solver++ 2M configuration
+    scheduler = sd_dpm_solver()  # SD's DPM-Solver++ 2M configuration
     measure(unet, scheduler, noise, cond, uncond, 2, "adjusted", autocast_dtype, loss_fn)  # warm-up
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print("| device | model | N | autocast | checkpointing | mode | steps | seconds | peak GiB |")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,9 +32,11 @@ from fair_core.classifiers.model import build_classifier
 from fair_core.faces import Face, FaceAttributeScorer, FaceFinder
 from fair_core.models import DiffusionParts, random_parts
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution
-from fair_core.tiny import tiny_sd15
 from fair_core.train_config import TrainConfig
 from fair_core.trainer import FairTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny models are test fixtures
+from tiny_models import tiny_sd15  # noqa: E402
 
 PROMPTS = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot", "a photo of a chef"]
 
@@ -48,7 +52,7 @@ class CentreDetector:
 
 
 def build_parts(base: str, device: torch.device) -> DiffusionParts:
-    """``base``'s architecture with random weights on ``device``; ``tiny``: fair_core.tiny's SD1.5."""
+    """``base``'s architecture with random weights on ``device``; ``tiny``: the test fixtures' SD1.5."""
     if base == "tiny":
         return DiffusionParts(**vars(tiny_sd15()), base="sd15")
     return random_parts(base, device)

@@ -111,6 +111,15 @@ class DiffusionParts:
         return self
 
 
+def sd_dpm_solver() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ 2M with Stable Diffusion's scaled-linear beta schedule (SD1.5's, for models built from scratch
+    such as the toy world; checkpoints use their own config)."""
+    return DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        algorithm_type="dpmsolver++", solver_order=2,
+    )
+
+
 def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77) -> CLIPTokenizer:
     """The OpenAI CLIP tokenizer (49408 tokens) built from the vocabulary shipped in ``fair_core/data``.
 

@@ -27,7 +27,7 @@ from fair_core.adaptor import (
     write_adaptor,
 )
 from fair_core.adaptor.metadata import network_dim
-from fair_core.tiny import tiny_sd15, tiny_sdxl
+from tiny_models import tiny_sd15, tiny_sdxl
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fair_core.adaptor import FairMetadata, read_adaptor, write_adaptor
 from fair_core.targets import TargetDistribution
-from fair_core.tiny import tiny_sd15, tiny_sdxl
+from tiny_models import tiny_sd15, tiny_sdxl
 from train_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]

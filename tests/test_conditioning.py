@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraLayer
 
 from fair_core.conditioning import Conditioning, encode_prompts
 from fair_core.models import DiffusionParts
-from fair_core.tiny import tiny_sd15, tiny_sdxl
+from tiny_models import tiny_sd15, tiny_sdxl
 from fair_core.soft_prompt import SoftPrompt
 from fair_core.trainable import adapters_disabled, add_text_encoder_lora, add_unet_lora
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fair_core import dft
-from fair_core.tiny import TinyPipelineParts, tiny_sd15, tiny_sdxl
+from tiny_models import TinyPipelineParts, tiny_sd15, tiny_sdxl
 
 GUIDANCE = 7.5
 LORA = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)

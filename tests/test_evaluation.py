@@ -119,7 +119,7 @@ def test_adaptor_for_another_base_is_a_clear_error(prompt_file, tmp_path, capsys
     from peft import LoraConfig, inject_adapter_in_model
 
     from fair_core.adaptor import FairMetadata, write_adaptor
-    from fair_core.tiny import tiny_sd15
+    from tiny_models import tiny_sd15
 
     parts = tiny_sd15()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), parts.text_encoder, adapter_name="trained")

@@ -14,7 +14,7 @@ from peft import LoraConfig
 
 from fair_core import dft
 from fair_core.adaptor import read_adaptor
-from fair_core.tiny import tiny_sd15
+from tiny_models import tiny_sd15
 from train_cli.main import main
 
 pytestmark = [

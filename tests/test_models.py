@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from fair_core.models import (CONFIG_DIR, DiffusionParts, clip_tokenizer, detect_checkpoint_base, load_diffusion_parts,
-                              random_parts)
-from fair_core.tiny import byte_level_tokenizer, tiny_scheduler, tiny_sd15, tiny_text_config, tiny_vae
+                              random_parts, sd_dpm_solver)
+from tiny_models import byte_level_tokenizer, tiny_sd15, tiny_text_config, tiny_vae
 
 # ---------------------------------------------------------------- diffusers -> original (LDM) key names
 
@@ -131,7 +131,7 @@ def tiny_sdxl_distinct_widths(seed: int = 0):
         projection_class_embeddings_input_dim=48 + 6 * 8, norm_num_groups=32,
     )
     return DiffusionParts(
-        unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer)), tokenizer, tiny_scheduler(),
+        unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer)), tokenizer, sd_dpm_solver(),
         CLIPTextModelWithProjection(tiny_text_config(tokenizer, hidden_size=48, projection_dim=48)),
         byte_level_tokenizer(), base="sdxl",
     )

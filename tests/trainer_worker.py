@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fair_core.models import DiffusionParts  # noqa: E402
 from fair_core.scoring import WholeImageScorer  # noqa: E402
 from fair_core.targets import DEFAULT_SCHEMA, TargetDistribution  # noqa: E402
-from fair_core.tiny import tiny_sd15  # noqa: E402
+from tiny_models import tiny_sd15  # noqa: E402
 from fair_core.train_config import TrainConfig  # noqa: E402
 from fair_core.trainer import FairTrainer  # noqa: E402
 

@@ -22,7 +22,9 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fair_core.tiny import BOS, EOS, tiny_scheduler
+from fair_core.models import CLIP_BOS as BOS
+from fair_core.models import CLIP_EOS as EOS
+from fair_core.models import sd_dpm_solver
 from fair_core.toyworld.world import IMAGE_SIZE, OCCUPATIONS, PROMPT_TEMPLATE, TOY_SCHEMA
 
 MAX_TOKENS = 16  # "a photo of a <occupation>" is 7 tokens with BOS/EOS; room for a few soft tokens
@@ -102,7 +104,7 @@ def training_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler() -> DPMSolverMultistepScheduler:
     """A fresh DPM-Solver++ 2M over the training schedule (the sampler the fair trainer uses)."""
-    return tiny_scheduler()
+    return sd_dpm_solver()
 
 
 class ToyClassifier(torch.nn.Module):

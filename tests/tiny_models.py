@@ -1,8 +1,8 @@
-"""Tiny Stable-Diffusion-shaped models built from configs with random weights.
+"""Test fixtures: tiny Stable-Diffusion-shaped models built from configs with random weights.
 
 They exercise the same diffusers/transformers classes, module names, LoRA targets and file formats as
-SD1.5 and SDXL, at a size that runs in milliseconds on a CPU. Used by the tests and the benchmarks;
-nothing here downloads anything.
+SD1.5 and SDXL, at a size that runs in milliseconds on a CPU. Used by the tests and the benchmarks, never by
+the library; nothing here downloads anything.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from fair_core.models import sd_dpm_solver
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -42,14 +44,6 @@ def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, projection
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[EOS],
-    )
-
-
-def tiny_scheduler() -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ 2M with SD's scaled-linear beta schedule (the training sampler)."""
-    return DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        algorithm_type="dpmsolver++", solver_order=2,
     )
 
 
@@ -85,7 +79,7 @@ def tiny_sd15(seed: int = 0) -> TinyPipelineParts:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
     )
-    return TinyPipelineParts(unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer)), tokenizer, tiny_scheduler())
+    return TinyPipelineParts(unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer)), tokenizer, sd_dpm_solver())
 
 
 def tiny_sdxl(seed: int = 0) -> TinyPipelineParts:
@@ -104,5 +98,5 @@ def tiny_sdxl(seed: int = 0) -> TinyPipelineParts:
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer))
     return TinyPipelineParts(
-        unet, tiny_vae(), text_encoder, tokenizer, tiny_scheduler(), text_encoder_2, byte_level_tokenizer()
+        unet, tiny_vae(), text_encoder, tokenizer, sd_dpm_solver(), text_encoder_2, byte_level_tokenizer()
     )
