@@ -92,13 +92,13 @@ def write_report(out: Path, summary: dict, grids: Mapping[str, Path] | None = No
             o = s["overall"]
             g = o["groups"][group]
             uncertainty = "; ".join(f"{k} {_interval(v)}" for k, v in o.get("uncertainty", {}).items())
-            overall_rows.append([variant, group, _interval(g["bias"]), _interval(g.get("distance")),
+            overall_rows.append([variant, group, _interval(g.get("distance")), _interval(g["bias"]),
                                  _interval(o["face_rate"]), uncertainty or "–", str(o["num_faces"])])
     change_rows, prompt_rows = [], []
     for variant, change in changes.items():
         for group in groups:
             c = change["overall"]["groups"][group]
-            change_rows.append([f"{variant} − {baseline}", group, _interval(c["bias"], True), _interval(c.get("distance"), True)])
+            change_rows.append([f"{variant} − {baseline}", group, _interval(c.get("distance"), True), _interval(c["bias"], True)])
         for prompt, figures in change["prompts"].items():
             for group in groups:
                 before = summaries[baseline]["prompts"][prompt]["groups"][group]["bias"]
@@ -120,8 +120,10 @@ def write_report(out: Path, summary: dict, grids: Mapping[str, Path] | None = No
         "<h1>fair eval report</h1>"
         + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
         + "<h2>Overall (mean over prompts, 95% bootstrap intervals)</h2>"
-        + _table(["variant", "group", "bias", "distance to target (TV)", "face rate", "uncertain", "faces"], overall_rows)
-        + ("<h2>Paired change (same seeds)</h2>" + _table(["change", "group", "bias", "distance"], change_rows) if change_rows else "")
+        + _table(["variant", "group", "distance to target (TV)", "bias (distance from uniform)", "face rate", "uncertain",
+                  "faces"], overall_rows)
+        + ("<h2>Paired change (same seeds)</h2>" + _table(["change", "group", "distance to target", "bias"], change_rows)
+           if change_rows else "")
         + "<h2>Per prompt</h2>"
         + _table(["prompt", "group", "variant", "bias before", "bias after", "change (95% paired)"], prompt_rows)
         + "<h2>Class shares</h2>" + "".join(charts)

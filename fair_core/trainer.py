@@ -444,8 +444,8 @@ class FairTrainer:
             range(self.state.iteration, config.iterations), initial=self.state.iteration, total=config.iterations,
             desc="fair train", disable=not accelerator.is_local_main_process, dynamic_ncols=True,
         )
-        latest = _headline(before)
-        accelerator.print(f"before training: {latest} (distance to the target / bias, first target attribute)")
+        latest = f"{_headline(before)}@0"
+        accelerator.print(f"before training: {_headline(before)} (distance to the target / bias, first target attribute)")
         for iteration in progress:
             record = self.train_iteration(iteration)
             self.state.iteration = iteration + 1
@@ -453,10 +453,10 @@ class FairTrainer:
                              "train/skipped_steps": self.state.skipped_steps}, step=self.state.iteration)
             if self.state.iteration % config.validate_every == 0 or self.state.iteration == config.iterations:
                 summary = self.validate(grid_path=self.output_dir / "samples" / f"iter_{self.state.iteration:07d}.png")
-                latest = _headline(summary)
+                latest = f"{_headline(summary)}@{self.state.iteration}"
                 accelerator.log({f"val/{k}": v for k, v in _flat_numbers(summary).items()}, step=self.state.iteration)
                 self.state.history.append({"iteration": self.state.iteration, "validation": summary})
-            # val: from the latest validation (every validate_every iterations), not from this iteration's batch
+            # val: distance/bias of the latest validation @ its iteration (every validate_every), not of this batch
             progress.set_postfix(loss=f"{record['loss']:.3f}", val=latest, skipped=self.state.skipped_steps,
                                  no_face=self.state.faceless_steps)
             if record["faceless"]:
