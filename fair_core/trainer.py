@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -365,7 +366,9 @@ class FairTrainer:
         else:
             self.state.skipped_steps += 1
             self.state.faceless_steps += int(faceless)
-        self.lr_schedule.step()  # the schedule follows iterations, skipped or not
+        with warnings.catch_warnings():  # the schedule follows iterations, skipped or not: a skipped first one
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.lr_schedule.step()
         self.state.images_seen += self.config.images_per_prompt * count
         return {"loss": loss, "kept_targets": sum(kept), "skipped": faceless or not finite, "faceless": faceless,
                 "prompts": list(prompts)}
