@@ -1,6 +1,7 @@
-"""Stand-in for ``extensions-builtin/Lora/extra_networks_lora.py`` (A1111 1.10; Forge's copy is the same):
-``ExtraNetworkLora.activate(p, params_list)`` turns the ``<lora:name:te:unet>`` tags of the first prompt into
-``networks.load_networks(names, te_multipliers, unet_multipliers, dyn_dims)`` and writes "Lora hashes"."""
+"""Stand-in for the built-in Lora's ``extra_networks_lora.py`` (A1111 1.10; Forge the same), written for these
+tests: ``ExtraNetworkLora.activate(p, params_list)`` reads each ``<lora:name[:te[:unet]]>`` tag (or ``te=``/``unet=``;
+unet defaults to te, te to 1), calls ``networks.load_networks(names, te_multipliers, unet_multipliers, dyn_dims)``
+and writes the "Lora hashes" generation parameter (``name: shorthash``, ``:`` and ``,`` removed from names)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,24 @@ from modules import extra_networks
 
 
 class ExtraNetworkLora(extra_networks.ExtraNetwork):
-    remove_symbols = str.maketrans('', '', ":,")
-
     def __init__(self):
-        super().__init__('lora')
+        super().__init__("lora")
         self.calls = []
-        """Every ``load_networks`` call's arguments (stand-in only)."""
+        """The ``(names, te_multipliers, unet_multipliers)`` of every activation (stand-in only)."""
 
     def activate(self, p, params_list):
-        names, te_multipliers, unet_multipliers, dyn_dims = [], [], [], []
+        names, te, unet = [], [], []
         for params in params_list:
-            names.append(params.positional[0])
-            te_multiplier = float(params.positional[1]) if len(params.positional) > 1 else 1.0
-            te_multiplier = float(params.named.get("te", te_multiplier))
-            unet_multiplier = float(params.positional[2]) if len(params.positional) > 2 else te_multiplier
-            unet_multiplier = float(params.named.get("unet", unet_multiplier))
-            te_multipliers.append(te_multiplier)
-            unet_multipliers.append(unet_multiplier)
-            dyn_dims.append(None)
-        self.calls.append((names, te_multipliers, unet_multipliers))
-        networks.load_networks(names, te_multipliers, unet_multipliers, dyn_dims)
-        lora_hashes = {item.mentioned_name.translate(self.remove_symbols): item.network_on_disk.shorthash
-                       for item in networks.loaded_networks if item.network_on_disk.shorthash}
-        if lora_hashes:
-            p.extra_generation_params["Lora hashes"] = ', '.join(f'{k}: {v}' for k, v in lora_hashes.items())
+            args = params.positional
+            names.append(args[0])
+            te.append(float(params.named.get("te", args[1] if len(args) > 1 else 1.0)))
+            unet.append(float(params.named.get("unet", args[2] if len(args) > 2 else te[-1])))
+        self.calls.append((names, te, unet))
+        networks.load_networks(names, te, unet, [None] * len(names))
+        hashes = [f"{n.mentioned_name.replace(':', '').replace(',', '')}: {n.network_on_disk.shorthash}"
+                  for n in networks.loaded_networks if n.network_on_disk.shorthash]
+        if hashes:
+            p.extra_generation_params["Lora hashes"] = ", ".join(hashes)
 
     def deactivate(self, p):
         pass

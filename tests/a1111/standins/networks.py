@@ -1,19 +1,20 @@
-"""Stand-in for the built-in Lora's ``networks.py``: A1111 1.10 ``extensions-builtin/Lora/networks.py``, or with
-``FORGE = True`` Forge's ``extensions-builtin/sd_forge_lora/networks.py``.
+"""Stand-in for the built-in Lora's ``networks.py`` (A1111 1.10 ``extensions-builtin/Lora``; with ``FORGE = True``
+Forge's ``sd_forge_lora``), written for these tests. The contract the script relies on:
 
-* ``available_networks`` / ``available_network_aliases`` / ``forbidden_network_aliases`` and
-  ``list_available_networks()``, which forgets everything and rescans ``shared.cmd_opts.lora_dir`` only.
-* ``load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None)``: names are looked up in the
-  aliases (a miss triggers a rescan); found networks go to ``loaded_networks``.
-  A1111: the file's ``bundle_emb.<token>.*`` tensors become ``Network.bundle_embeddings`` (registered as
-  textual-inversion embeddings while the LoRA is active). Forge (``load_lora_for_models``): keys that are not
-  LoRA keys are unmatched, and with more than 12 of them the whole LoRA is dropped (``dropped``); bundled tokens
-  are never read.
+* ``available_networks`` (file name -> ``NetworkOnDisk``) and ``available_network_aliases`` (file names and the
+  aliases no two files share -> ``NetworkOnDisk``); ``list_available_networks()`` rescans ``--lora-dir`` only,
+  forgetting entries added by hand.
+* ``load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None)``: each name is found by file name,
+  else by alias (a miss rescans once); found files become ``loaded_networks``. A1111 keeps a file's
+  ``bundle_emb.<token>.*`` tensors as ``bundle_embeddings`` (registered as embeddings while the LoRA is active).
+  Forge reads LoRA keys only: other keys are unmatched, and a file with more than 12 of them is dropped whole, with
+  its console line (recorded in ``dropped``).
 """
 
 from __future__ import annotations
 
-import os
+from collections import Counter
+from pathlib import Path
 
 from safetensors import safe_open
 
@@ -21,61 +22,53 @@ import network
 from modules import shared
 
 FORGE = False
-available_networks = {}
-available_network_aliases = {}
-forbidden_network_aliases = {}
-loaded_networks = []
-dropped = []
-"""Forge only: ``(file, unmatched key count)`` of LoRAs ``load_lora_for_models`` refused."""
+FORGE_MAX_UNMATCHED = 12
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+available_networks: dict = {}
+available_network_aliases: dict = {}
+loaded_networks: list = []
+dropped: list = []
+"""Forge only: ``(file, unmatched key count)`` of each LoRA it refused (stand-in only)."""
 
 
 def list_available_networks():
     available_networks.clear()
     available_network_aliases.clear()
-    forbidden_network_aliases.clear()
-    forbidden_network_aliases.update({"none": 1, "Addams": 1})
-    os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)
-    for root, _, files in os.walk(shared.cmd_opts.lora_dir):
-        for file in sorted(files):
-            if not file.endswith(".safetensors"):
-                continue
-            name = os.path.splitext(file)[0]
-            entry = network.NetworkOnDisk(name, os.path.join(root, file))
-            available_networks[name] = entry
-            if entry.alias in available_network_aliases:
-                forbidden_network_aliases[entry.alias.lower()] = 1
-            available_network_aliases[name] = entry
-            available_network_aliases[entry.alias] = entry
+    folder = Path(shared.cmd_opts.lora_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    found = [network.NetworkOnDisk(path.stem, str(path)) for path in sorted(folder.rglob("*.safetensors"))]
+    shared_aliases = {alias for alias, count in Counter(entry.alias for entry in found).items() if count > 1}
+    for entry in found:
+        available_networks[entry.name] = available_network_aliases[entry.name] = entry
+        if entry.alias not in shared_aliases:
+            available_network_aliases.setdefault(entry.alias, entry)
 
 
-def _lookup(name):
-    if name.lower() in forbidden_network_aliases:
-        return available_networks.get(name, None)
-    return available_network_aliases.get(name, None)
+def _find(name):
+    return available_networks.get(name) or available_network_aliases.get(name)
 
 
 def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
-    loaded_networks.clear()
-    networks_on_disk = [_lookup(name) for name in names]
-    if any(x is None for x in networks_on_disk):
+    if any(_find(name) is None for name in names):
         list_available_networks()
-        networks_on_disk = [_lookup(name) for name in names]
-    for i, (network_on_disk, name) in enumerate(zip(networks_on_disk, names)):
-        if network_on_disk is None:
+    loaded_networks.clear()
+    for i, name in enumerate(names):
+        entry = _find(name)
+        if entry is None:
             continue
-        with safe_open(network_on_disk.filename, "pt") as file:
+        with safe_open(entry.filename, "pt") as file:
             keys = list(file.keys())
-        if FORGE:
-            unmatched = [k for k in keys if not k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))]
-            if len(unmatched) > 12:
-                print(f'[LORA] LoRA version mismatch for model: {network_on_disk.filename}')
-                dropped.append((network_on_disk.filename, len(unmatched)))
-                continue
-        net = network.Network(name, network_on_disk)
+        others = [key for key in keys if not key.startswith(LORA_PREFIXES)]
+        if FORGE and len(others) > FORGE_MAX_UNMATCHED:
+            print(f"[LORA] LoRA version mismatch for model: {entry.filename}")
+            dropped.append((entry.filename, len(others)))
+            continue
+        loaded = network.Network(name, entry)
+        loaded.te_multiplier = te_multipliers[i] if te_multipliers else 1.0
+        loaded.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
+        loaded.dyn_dim = dyn_dims[i] if dyn_dims else None
         if not FORGE:
-            net.bundle_embeddings = {k.split(".")[1]: k for k in keys if k.startswith("bundle_emb.")}
-        net.mentioned_name = name
-        net.te_multiplier = te_multipliers[i] if te_multipliers else 1.0
-        net.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
-        net.dyn_dim = dyn_dims[i] if dyn_dims else 1.0
-        loaded_networks.append(net)
+            for key in others:
+                if key.startswith("bundle_emb."):
+                    loaded.bundle_embeddings.setdefault(key.split(".")[1], []).append(key)
+        loaded_networks.append(loaded)

@@ -1,27 +1,26 @@
-"""Stand-in for ``modules/extra_networks.py`` (A1111 1.10; Forge identical): ``ExtraNetwork``,
-``ExtraNetworkParams``, ``register_extra_network``, ``parse_prompt``/``parse_prompts`` (``<name:args>`` tags are cut
-out of the prompts; only the first prompt's tags count) and ``activate(p, extra_network_data)``."""
+"""Stand-in for ``modules/extra_networks.py`` (A1111 1.10; Forge the same), written for these tests.
+
+Mirrors the names and signatures the built-in Lora and the script meet: ``ExtraNetwork(name)`` with
+``activate(p, params_list)`` / ``deactivate(p)``, ``ExtraNetworkParams(items)`` (``positional`` and ``named``
+``key=value`` arguments), ``register_extra_network``, ``parse_prompts(prompts)`` -> ``(prompts without their
+``<network:args>`` tags, the first prompt's tags per network)`` and ``activate(p, extra_network_data)``, which calls
+every registered network, with an empty list for one the prompt did not name (that is how a LoRA of the previous
+batch is unloaded).
+"""
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
-extra_network_registry = {}
-re_extra_net = re.compile(r"<(\w+):([^>]+)>")
+extra_network_registry: dict = {}
+TAG = re.compile(r"<(?P<network>\w+):(?P<arguments>[^>]+)>")
 
 
 class ExtraNetworkParams:
     def __init__(self, items=None):
-        self.items = items or []
-        self.positional = []
-        self.named = {}
-        for item in self.items:
-            parts = item.split('=', 2) if isinstance(item, str) else [item]
-            if len(parts) == 2:
-                self.named[parts[0]] = parts[1]
-            else:
-                self.positional.append(item)
+        self.items = list(items or [])
+        self.named = dict(item.split("=", 1) for item in self.items if "=" in item)
+        self.positional = [item for item in self.items if "=" not in item]
 
 
 class ExtraNetwork:
@@ -39,29 +38,20 @@ def register_extra_network(extra_network):
     extra_network_registry[extra_network.name] = extra_network
 
 
-def parse_prompt(prompt):
-    res = defaultdict(list)
-
-    def found(m):
-        res[m.group(1)].append(ExtraNetworkParams(items=m.group(2).split(":")))
-        return ""
-
-    return re.sub(re_extra_net, found, prompt), res
+def _tags(prompt: str) -> dict[str, list[ExtraNetworkParams]]:
+    found: dict[str, list[ExtraNetworkParams]] = {}
+    for match in TAG.finditer(prompt):
+        found.setdefault(match["network"], []).append(ExtraNetworkParams(match["arguments"].split(":")))
+    return found
 
 
 def parse_prompts(prompts):
-    res = []
-    extra_data = None
-    for prompt in prompts:
-        updated_prompt, parsed_extra_data = parse_prompt(prompt)
-        if extra_data is None:
-            extra_data = parsed_extra_data
-        res.append(updated_prompt)
-    return res, extra_data
+    """The prompts with their tags cut out (the rest of the text, spaces included, stays), and the tags of the
+    first prompt: A1111 applies one set of networks per batch."""
+    prompts = list(prompts)
+    return [TAG.sub("", prompt) for prompt in prompts], (_tags(prompts[0]) if prompts else {})
 
 
 def activate(p, extra_network_data):
-    """Every registered network is activated, with an empty list when the prompt did not name it (that is how the
-    built-in Lora unloads what the previous batch used)."""
     for name, extra_network in extra_network_registry.items():
         extra_network.activate(p, list(extra_network_data.get(name, [])))

@@ -1,4 +1,4 @@
-"""Stand-in for ``modules/processing.py`` (A1111 1.10, and Forge's copy of it).
+"""Stand-in for ``modules/processing.py`` (A1111 1.10, and Forge's copy of it), written for these tests.
 
 ``StableDiffusionProcessing`` keeps the fields the script reads and writes (``prompt``, ``all_prompts``,
 ``prompts``, ``negative_prompts``, ``extra_generation_params``, ``comment()``, ``sd_model``, ``script_args``, and the
@@ -67,14 +67,18 @@ class Processed:
 
 
 def create_infotext(p, all_prompts, all_seeds, index=0):
-    generation_params = {"Steps": p.steps, "Seed": all_seeds[index], "Size": f"{p.width}x{p.height}",
-                         **p.extra_generation_params}
+    """Image ``index``'s infotext: its prompt, the negative prompt line, then ``Key: value`` pairs (values quoted
+    by ``infotext_utils.quote``); a "Hires prompt" only when the hires prompt differs from the prompt."""
+    parameters = {"Steps": p.steps, "Seed": all_seeds[index], "Size": f"{p.width}x{p.height}",
+                  **p.extra_generation_params}
     if p.enable_hr and p.all_hr_prompts[index] != all_prompts[index]:
-        generation_params["Hires prompt"] = p.all_hr_prompts[index]
-    text = ", ".join([k if k == v else f'{k}: {infotext_utils.quote(v)}' for k, v in generation_params.items()
-                      if v is not None])
-    negative_prompt_text = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
-    return f"{all_prompts[index]}{negative_prompt_text}\n{text}".strip()
+        parameters["Hires prompt"] = p.all_hr_prompts[index]
+    lines = [all_prompts[index]]
+    if p.negative_prompt:
+        lines.append(f"Negative prompt: {p.negative_prompt}")
+    lines.append(", ".join(f"{key}: {infotext_utils.quote(value)}" for key, value in parameters.items()
+                           if value is not None))
+    return "\n".join(lines)
 
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
