@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fair_core.classifiers.runtime import torch_device
 from fair_core.scoring import AttributeScorer
 from fair_core.targets import Attribute, TargetDistribution, TargetError
 
@@ -50,21 +51,21 @@ def resolve_scorer(spec: str, device: str = "cpu", *, training: bool = False) ->
         spec: ``toy`` (the toy world's classifier: its training one with ``training``, else its independent
             evaluation one), ``pretrained:gender,age`` (either or both), or a classifier file: ``.onnx`` (audits
             only) or ``.safetensors`` (torch, differentiable).
-        device: ``cpu``, ``cuda``, or ``auto`` (ONNX: the CUDA provider when present).
+        device: ``cpu``, ``cuda`` (``cuda:N``), or ``auto``: torch models on a GPU when torch sees one, ONNX on
+            the CUDA provider when present (:func:`fair_core.classifiers.runtime.torch_device`).
         training: the trainer needs gradients: ONNX files are refused.
     """
     if spec == TOY:
         from fair_core.toyworld import IMAGE_SIZE, load_toy_world
 
-        world = load_toy_world(device="cpu" if device == "auto" else device)
+        world = load_toy_world(device=torch_device(device))
         if training:
             return ResolvedScorer(world.train_scorer, {"classifier": "toy-train"}, IMAGE_SIZE)
         return ResolvedScorer(world.eval_scorer, {"classifier": "toy-eval"}, IMAGE_SIZE)
     from fair_core.faces import FaceAttributeScorer
 
     if spec.startswith(PRETRAINED):
-        classifiers = _pretrained_classifiers(spec)
-        scorer = FaceAttributeScorer(None, classifiers)
+        scorer = FaceAttributeScorer(None, _pretrained_classifiers(spec, device))
         return ResolvedScorer(scorer, {"classifier": spec})
     from fair_core.classifiers import load_classifier
     from fair_core.classifiers.metadata import file_identity
@@ -74,8 +75,7 @@ def resolve_scorer(spec: str, device: str = "cpu", *, training: bool = False) ->
     if not Path(spec).is_file():
         raise FileNotFoundError(f"classifier file not found: {spec}")
     identity = file_identity(spec)
-    torch_device = "cpu" if device == "auto" and spec.endswith(".safetensors") else device
-    scorer = FaceAttributeScorer(None, load_classifier(spec, device=torch_device))
+    scorer = FaceAttributeScorer(None, load_classifier(spec, device=device))
     return ResolvedScorer(scorer, {"classifier": identity["name"], "classifier_sha256": identity["sha256"]})
 
 
@@ -160,7 +160,7 @@ def resolve_preservation(entries: Sequence[str], model: str, device: str = "cpu"
     return load_preservation_loss(entries, device)
 
 
-def _pretrained_classifiers(spec: str) -> list:
+def _pretrained_classifiers(spec: str, device: str) -> list:
     from fair_core.classifiers.pretrained import dlib_age_classifier, dlib_gender_classifier
 
     builders = {"gender": dlib_gender_classifier, "age": dlib_age_classifier}
@@ -169,7 +169,7 @@ def _pretrained_classifiers(spec: str) -> list:
     if not names or unknown:
         raise ValueError(f"{spec!r}: expected pretrained: followed by {' and/or '.join(PRETRAINED_CLASSIFIERS)}, "
                          "e.g. pretrained:gender,age")
-    return [builders[name]() for name in names]
+    return [builders[name]().to(torch_device(device)) for name in names]
 
 
 def _describe(attributes: Sequence[Attribute]) -> str:

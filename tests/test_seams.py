@@ -162,3 +162,17 @@ def test_only_the_resolver_reaches_into_the_toy_world():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith("fair_core.toyworld")]
     assert offenders == []
+
+
+def test_an_explicit_device_reaches_torch_classifiers(tmp_path):
+    """Under multi-GPU training each rank passes its own ``cuda:N``: it must not be rounded to ``cuda`` (the
+    meta device stands in for one here; ``auto`` on a machine without CUDA is the CPU)."""
+    from fair_core.classifiers.pretrained import write_pretrained
+    from fair_core.classifiers.runtime import torch_device
+
+    gender = next(p for p in write_pretrained(tmp_path) if p.name == "gender-dlib.safetensors")
+    for spec in (str(gender), "pretrained:gender"):
+        classifier = resolve_scorer(spec, "meta", training=True).scorer.classifiers[0]
+        assert next(classifier.parameters()).device.type == "meta"
+    if not torch.cuda.is_available():
+        assert torch_device("auto") == "cpu"

@@ -107,14 +107,22 @@ class OnnxClassifier:
         return torch.from_numpy(logits).to(device)
 
 
+def torch_device(device: str) -> str:
+    """The torch device for ``device``: ``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else
+    (``cpu``, ``cuda``, ``cuda:1`` under multi-GPU training) as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_classifier(path: str | Path, device: str = "auto"):
-    """Open a classifier file by suffix: ``.onnx`` -> :class:`OnnxClassifier`, ``.safetensors`` -> torch."""
+    """Open a classifier file by suffix: ``.onnx`` -> :class:`OnnxClassifier` (``device``: ``auto``/``cuda``/
+    ``cpu`` provider choice), ``.safetensors`` -> torch on :func:`torch_device` ``(device)``."""
     from fair_core.classifiers.model import AttributeClassifier
 
     path = Path(path)
     if path.suffix == ".onnx":
         return OnnxClassifier(path, device=device)
     if path.suffix == ".safetensors":
-        torch_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-        return AttributeClassifier.load(path, device=torch_device)
+        return AttributeClassifier.load(path, device=torch_device(device))
     raise ClassifierFileError(f"{path}: classifier files end in .onnx or .safetensors")
