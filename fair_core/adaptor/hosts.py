@@ -13,8 +13,6 @@ No host application is imported here; the hosts call these functions.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +24,13 @@ from fair_core.adaptor.container import FairAdaptor
 from fair_core.adaptor.errors import AdaptorError
 from fair_core.adaptor.metadata import FairMetadata, token_order
 from fair_core.adaptor.naming import FAMILIES, LORA_PARTS, lora_key, parse_lora_key, parse_token_key, token_key
-from fair_core.adaptor.reader import regular_file_size
+from fair_core.adaptor.reader import read_header, regular_file_size
 from fair_core.targets import Attribute, TargetDistribution
+from fair_core.terminal import escape, shown_path
 
 TOKEN_PLACEMENT = "right after BOS of the positive prompt only; the negative/unconditional prompt gets none"
 HOST_ENCODERS = {"te": "clip_l", "te1": "clip_l", "te2": "clip_g"}
 """Our text-encoder family -> the host's name of that encoder (A1111/ComfyUI SDXL embedding keys)."""
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 ADAPTOR_SUFFIX = ".safetensors"
 
 
@@ -88,21 +86,14 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     lists. Raises :class:`AdaptorError` naming the problem for anything that is not a safetensors header.
     """
     path = Path(path)
-    regular_file_size(path)  # missing, a directory, a FIFO, a link loop: each said as such
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise AdaptorError(f"{path.name}: not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if not 2 <= length <= MAX_HEADER_BYTES:
-            raise AdaptorError(f"{path.name}: not a safetensors file (header length {length} is implausible)")
-        raw = file.read(length)
-    if len(raw) < length:
-        raise AdaptorError(f"{path.name}: truncated safetensors header ({len(raw)} of {length} bytes)")
+    size = regular_file_size(path)  # missing, a directory, a FIFO, a link loop: each said as such
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdaptorError(f"{path.name}: not a safetensors file (its header is not JSON)") from None
+        with path.open("rb") as file:
+            _, header = read_header(file, size, escape(path.name))
+    except OSError as error:
+        raise AdaptorError(f"{shown_path(path)}: cannot read: {error.strerror or error}") from None
+    if header is None:
+        raise AdaptorError(f"{path.name}: not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         raise AdaptorError(f"{path.name}: not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}

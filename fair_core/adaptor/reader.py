@@ -10,7 +10,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -74,7 +74,7 @@ def read_safetensors(path: str | Path, check_keys: Callable[[Iterable[str]], Non
     name = escape(path.name)
     try:
         with path.open("rb") as file:
-            _check_header(file, size, name, check_keys)
+            header = _check_header(file, size, name, check_keys)
             file.seek(0)
             blob = file.read()
     except OSError as error:
@@ -88,9 +88,7 @@ def read_safetensors(path: str | Path, check_keys: Callable[[Iterable[str]], Non
             f"{name}: a tensor dtype this torch cannot load ({escape(str(error))}); LoRA, alpha and soft-token "
             "tensors must be F16, BF16 or F32"
         ) from None
-    length = int.from_bytes(blob[:HEADER_LENGTH_BYTES], "little")
-    metadata = json.loads(blob[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + length]).get("__metadata__") or {}
-    return SafetensorsFile(tensors, dict(metadata), data_sha256(blob))
+    return SafetensorsFile(tensors, dict(header.get("__metadata__") or {}), data_sha256(blob))
 
 
 def check_key_families(keys: Iterable[str]) -> None:
@@ -178,9 +176,10 @@ def regular_file_size(path: Path) -> int:
     return info.st_size
 
 
-def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[Iterable[str]], None] | None) -> None:
-    """Refuse early what the header alone shows: a file too short for a header, a header length beyond the file,
-    tensor data that does not end where the file does, and (``check_keys``) keys of another kind of file."""
+def read_header(file: BinaryIO, size: int, name: str) -> tuple[int, Any]:
+    """``(header length, the header's JSON value)`` of the safetensors file open in ``file`` (``size`` bytes,
+    ``name`` for messages), reading the header and nothing after it; the value is None when the header is not JSON.
+    Refuses a file too short for a header, a torch checkpoint (pickle or zip) and a header length beyond the file."""
     if size == 0:
         raise AdaptorError(f"{name}: empty file (0 bytes), not a safetensors file")
     if size < HEADER_LENGTH_BYTES:
@@ -202,11 +201,18 @@ def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[It
             f"(header length {length} bytes, the file has {size})"
         )
     try:
-        header = json.loads(file.read(length))
+        return length, json.loads(file.read(length))
     except (ValueError, RecursionError):
-        return  # safetensors says what is wrong with it
+        return length, None
+
+
+def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[Iterable[str]], None] | None) -> dict:
+    """Refuse early what the header alone shows (:func:`read_header`'s checks, tensor data that does not end where
+    the file does, and, with ``check_keys``, keys of another kind of file); returns the header ({} when it is not
+    a JSON object: loading the file then says what is wrong)."""
+    length, header = read_header(file, size, name)
     if not isinstance(header, dict):
-        return
+        return {}
     entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
     ends = [_data_end(entry) for entry in entries.values()]
     if ends and None not in ends and HEADER_LENGTH_BYTES + length + max(ends) != size:
@@ -216,6 +222,7 @@ def _check_header(file: BinaryIO, size: int, name: str, check_keys: Callable[[It
         )
     if check_keys is not None:
         check_keys(entries)
+    return header
 
 
 def _data_end(entry: object) -> int | None:
