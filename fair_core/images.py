@@ -94,15 +94,10 @@ def from_bhwc01(images: torch.Tensor) -> torch.Tensor:
     return values.permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
 
 
-def to_bhwc01(images: torch.Tensor) -> torch.Tensor:
-    """``(N, 3, H, W)`` in [-1, 1] -> a ComfyUI ``IMAGE`` batch ``(N, H, W, 3)`` float32 in [0, 1]."""
-    return ((images.detach().float().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()
-
-
-def from_pil(pictures: Sequence) -> list[torch.Tensor]:
-    """PIL images (A1111's ``processed.images``) -> one ``(3, H, W)`` tensor in [-1, 1] each, by the module's
-    rules (sizes may differ, hence a list)."""
-    return [image_to_tensor(to_rgb_uint8(picture)) for picture in pictures]
+def from_chw01(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An A1111 batch (``PostprocessBatchListArgs.images``: ``(3, H, W)`` float in [0, 1] each, one size) ->
+    ``(N, 3, H, W)`` float32 in [-1, 1] on the CPU."""
+    return torch.stack([image.detach().float().cpu() for image in images]).clamp(0, 1) * 2.0 - 1.0
 
 
 def _pil_to_array(image) -> np.ndarray:

@@ -302,12 +302,6 @@ def _audit_scorer(spec: str, version: int) -> AttributeScorer:
     return resolve_audit_scorer(spec)
 
 
-def batch_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A1111's batch (``PostprocessBatchListArgs.images``: ``(3, H, W)`` in [0, 1] each) -> ``(N, 3, H, W)`` in
-    [-1, 1], what :func:`fair_core.audit.audit_images` takes."""
-    return torch.stack([image.detach().float().cpu() for image in images]).clamp(0, 1) * 2.0 - 1.0
-
-
 def audit_target(adaptor_target: TargetDistribution | None, default_spec: str,
                  attributes: Sequence[Attribute]) -> TargetDistribution | None:
     """What a batch is audited against: the applied adaptor's trained target when the classifier predicts all its

@@ -25,6 +25,7 @@ from fair_core import webui  # noqa: E402
 from fair_core.adaptor.errors import AdaptorError  # noqa: E402
 from fair_core.adaptor.hosts import AdaptorHeader, list_adaptors  # noqa: E402
 from fair_core.audit import audit_images  # noqa: E402
+from fair_core.images import from_chw01  # noqa: E402
 
 LOG_PREFIX = "[Fair Adaptors]"
 CLASSIFIER_FOLDER = Path(paths.models_path) / "attribute_classifiers"
@@ -287,7 +288,7 @@ class FairAdaptorScript(scripts.Script):
 
     def audit_batch(self, p, images, batch_number: int) -> None:
         setup = self.run.audit
-        result = audit_images(webui.batch_images(images), setup.scorer, setup.target,
+        result = audit_images(from_chw01(images), setup.scorer, setup.target,
                               prompt=f"batch {batch_number + 1}")
         line = webui.audit_line(result)
         p.extra_generation_params[webui.INFOTEXT_AUDIT] = line

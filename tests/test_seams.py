@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fair_core.audit import audit_folder, audit_images
-from fair_core.images import MAX_IMAGE_PIXELS, from_bhwc01, load_image, to_bhwc01
+from fair_core.images import MAX_IMAGE_PIXELS, from_bhwc01, from_chw01, load_image
 from fair_core.plots import audit_chart
 from fair_core.resolve import resolve_scorer, resolve_target
 from fair_core.targets import TargetError
@@ -121,11 +121,13 @@ def test_host_and_comfy_image_layouts_round_trip():
     batch = torch.rand(2, 5, 7, 3)
     images = from_bhwc01(batch)
     assert images.shape == (2, 3, 5, 7) and images.min() >= -1 and images.max() <= 1
-    torch.testing.assert_close(to_bhwc01(images), batch)
+    torch.testing.assert_close(images, batch.permute(0, 3, 1, 2) * 2 - 1)
     alpha = torch.cat([torch.zeros(1, 2, 2, 3), torch.zeros(1, 2, 2, 1)], dim=-1)  # transparent black
     assert torch.equal(from_bhwc01(alpha), torch.ones(1, 3, 2, 2))  # over white
     with pytest.raises(ValueError, match=r"\(B, H, W, 1/3/4\)"):
         from_bhwc01(torch.zeros(2, 3, 8, 8))
+    a1111 = from_chw01([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])  # A1111's batch: (3, H, W) in [0, 1] each
+    assert a1111.shape == (2, 3, 4, 4) and float(a1111[0].max()) == -1.0 and float(a1111[1].min()) == 1.0
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):

@@ -193,11 +193,6 @@ def test_audit_html_draws_each_share_against_its_target():
     assert "colour: distance to target 0.250" in html and "target 25%" in html
 
 
-def test_batch_images_go_from_0_1_to_minus_1_1():
-    images = webui.batch_images([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
-    assert images.shape == (2, 3, 4, 4) and float(images[0].max()) == -1.0 and float(images[1].min()) == 1.0
-
-
 def test_audit_target_prefers_the_adaptors_then_the_default_then_uniform():
     adaptor_target = TargetDistribution.from_marginals([(COLOUR, [0.3, 0.7])])
     assert webui.audit_target(adaptor_target, "colour=uniform", (COLOUR, SHAPE)) is adaptor_target
